@@ -1,0 +1,71 @@
+"""Atomic file writes: temp file in the same folder, fsync, then ``os.replace``.
+
+A reader never sees a half-written file: it sees either the old content (or no file) or the
+complete new content. The temp file is named ``.<name>.<random>.tmp`` next to the target and is
+removed again if anything goes wrong before the rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+__all__ = ["atomic_write_bytes", "atomic_write_text"]
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def _open_temp(target: Path) -> tuple[int, Path]:
+    """Create a fresh, exclusive temp file next to ``target``; return (fd, temp path)."""
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            # 0o666 is filtered by the umask, so the file gets the usual default permissions.
+            return os.open(tmp, _CREATE_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temp file next to {target}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Best-effort fsync of a folder so the rename itself is durable (POSIX only)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` (temp file + fsync + ``os.replace``).
+
+    The folder must exist. On any exception the temp file is removed, ``path`` is left as it was
+    (absent or with its old content) and the exception is re-raised.
+    """
+    target = Path(path)
+    fd, tmp = _open_temp(target)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """Atomically write ``text`` to ``path`` (encoded with ``encoding``, no newline translation)."""
+    atomic_write_bytes(path, text.encode(encoding))

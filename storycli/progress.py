@@ -1,0 +1,85 @@
+"""Rich progress display for `generate` (stderr): frames done and steps of the current call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from .generate import Hooks
+
+
+class StoryProgress:
+    def __init__(self, console: Console, enabled: bool = True) -> None:
+        self.console = console
+        self.enabled = enabled
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.frames_task: Any = None
+        self.steps_task: Any = None
+
+    def __enter__(self) -> StoryProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.progress.__exit__(exc_type, exc, tb)
+
+    def _note(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False)
+
+    def _on_model(self, loaded: Any) -> None:
+        if loaded.tiny:
+            self._note(
+                "[yellow]tiny random model[/]: for tests and smoke runs; its frames are noise"
+            )
+        else:
+            self._note(f"model {loaded.model_id} on {loaded.device} ({loaded.dtype})")
+
+    def _on_start(self, frames: int, calls: int, steps: int) -> None:
+        self.frames_task = self.progress.add_task("frames", total=frames)
+        self.steps_task = self.progress.add_task("steps", total=steps)
+
+    def _on_call(self, description: str) -> None:
+        self.progress.reset(self.steps_task, description=description)
+
+    def _on_step(self, step: int, steps: int) -> None:
+        self.progress.update(self.steps_task, completed=step, total=steps)
+
+    def _on_frame(self, index: int, path: Path) -> None:
+        self.progress.advance(self.frames_task)
+
+    def hooks(self) -> Hooks:
+        return Hooks(
+            on_model=self._on_model,
+            on_start=self._on_start,
+            on_call=self._on_call,
+            on_step=self._on_step,
+            on_frame=self._on_frame,
+        )

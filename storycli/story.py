@@ -1,0 +1,480 @@
+"""The story file: pydantic schema, YAML loading with line-located errors, semantic checks.
+
+Pure Python (no torch). `load_story` returns a fully resolved `Story` (defaults filled in) or
+raises `StoryError` whose issues each carry `file:line:col field: message`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from .config import SCHEDULERS, ConfigFileError, Configs
+
+Loc = tuple[str | int, ...]
+
+TAG_RE = re.compile(r"\[([^\[\]]*)\]")
+NO_CHARACTER_TAG = "NC"
+IDENTITY_NAME = "identity"
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@dataclass
+class StoryIssue:
+    loc: Loc
+    message: str
+    line: int | None = None  # 1-based
+    column: int | None = None  # 1-based
+
+    @property
+    def field(self) -> str:
+        return format_loc(self.loc)
+
+
+@dataclass
+class StoryError(Exception):
+    """One or more problems with a story file; `str()` gives one line per problem."""
+
+    path: Path | str
+    issues: list[StoryIssue] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = []
+        for issue in self.issues:
+            where = str(self.path)
+            if issue.line is not None:
+                where += f":{issue.line}:{issue.column}"
+            label = f" {issue.field}:" if issue.loc else ""
+            out.append(f"{where}:{label} {issue.message}")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def format_loc(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+Rate = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Consistency(_Strict):
+    """Consistent Self-Attention settings (see README, "Story format")."""
+
+    method: Literal["storydiffusion", "none"]
+    sa32: Rate
+    sa64: Rate
+    id_length: int = Field(ge=1)
+    blocks: list[Literal["down", "mid", "up"]] = Field(min_length=1)
+    warmup_steps: int = Field(ge=0)
+    prob_early: Rate
+    prob_late: Rate
+    late_from_step: int = Field(ge=0)
+
+    @field_validator("blocks")
+    @classmethod
+    def _unique_blocks(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("list each block at most once")
+        return value
+
+
+class FrameSpec(_Strict):
+    prompt: str = Field(min_length=1)
+    caption: str | None = None
+
+
+def _frame_from_yaml(value: Any) -> Any:
+    """`"prompt #caption"` shorthand → mapping; anything else is left to the schema."""
+    if isinstance(value, str):
+        prompt, sep, caption = value.rpartition("#")
+        if not sep:
+            return {"prompt": value.strip(), "caption": None}
+        return {"prompt": prompt.strip(), "caption": caption.strip() or None}
+    if isinstance(value, dict):
+        return value
+    raise ValueError(
+        'a frame is a string "prompt #caption" or a mapping with `prompt` (and optional `caption`)'
+    )
+
+
+Frame = Annotated[FrameSpec, BeforeValidator(_frame_from_yaml)]
+
+
+def _multiple_of_32(value: int) -> int:
+    if value % 32:
+        lower, upper = value // 32 * 32, (value // 32 + 1) * 32
+        raise ValueError(f"must be a multiple of 32 (try {lower or 32} or {upper})")
+    return value
+
+
+Size = Annotated[int, Field(ge=64, le=4096)]
+
+
+class Story(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    model: str = Field(min_length=1)
+    style: str | None = None
+    identity: str | None = Field(default=None, min_length=1)
+    characters: dict[str, Annotated[str, Field(min_length=1)]] | None = None
+    frames: list[Frame] = Field(min_length=1)
+    negative: str
+    seed: int = Field(ge=0, le=2**32 - 1)
+    width: Size
+    height: Size
+    steps: int = Field(ge=1, le=1000)
+    guidance: float = Field(ge=0.0)
+    scheduler: str
+    noise: Literal["shared", "per-frame"]
+    consistency: Consistency
+
+    _check_sizes = field_validator("width", "height")(_multiple_of_32)
+
+    @field_validator("characters")
+    @classmethod
+    def _character_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("define at least one character, or use `identity`")
+        for name in value:
+            if name == NO_CHARACTER_TAG or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9 _'.-]*", name):
+                raise ValueError(
+                    f"'{name}' cannot be a character name (letters, digits, spaces, _ ' . -; "
+                    f"not {NO_CHARACTER_TAG})"
+                )
+        return value
+
+    @property
+    def cast(self) -> dict[str, str]:
+        """Character name → description, in definition order (identity form: one entry)."""
+        if self.identity is not None:
+            return {IDENTITY_NAME: self.identity}
+        return dict(self.characters or {})
+
+    @property
+    def uses_consistency(self) -> bool:
+        return self.consistency.method != "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    out: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}'", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+    return out
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _node_at(root: yaml.Node | None, loc: Loc, at_key: bool = False) -> yaml.Node | None:
+    """The deepest YAML node along `loc` (a pydantic error location).
+
+    With `at_key`, the last step gives the mapping key's node (for unknown keys).
+    """
+    node = root
+    for depth, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            pairs = [(k, v) for k, v in node.value if getattr(k, "value", None) == part]
+            if not pairs:
+                return node
+            last = depth == len(loc) - 1
+            node = pairs[0][0] if (at_key and last) else pairs[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return node
+            node = node.value[part]
+        else:
+            return node
+    return node
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> Loc:
+    # Pydantic adds validator/union tags (e.g. 'function-before[...]') that mean nothing to users.
+    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and "-" not in p))
+
+
+def _message(error: dict[str, Any]) -> str:
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key (check its spelling against the story format in README.md)"
+    if kind == "missing":
+        return "required"
+    if kind == "literal_error":
+        return msg.replace("Input should be", "must be")
+    msg = msg.removeprefix("Value error, ").replace("Input should be", "must be")
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+class StoryFile:
+    """A story file's text, parsed, with node positions for error messages."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+        self.root: yaml.Node | None = None
+
+    def error(self, issues: list[tuple[Loc, str]]) -> StoryError:
+        out = []
+        for loc, message in issues:
+            node = _node_at(self.root, loc, at_key=message.startswith("unknown key"))
+            line = col = None
+            if node is not None:
+                line, col = node.start_mark.line + 1, node.start_mark.column + 1
+            out.append(StoryIssue(loc, message, line, col))
+        out.sort(key=lambda issue: (issue.line or 0, issue.column or 0))
+        return StoryError(self.path, out)
+
+    def parse(self) -> dict[str, Any]:
+        try:
+            self.root = yaml.compose(self.text, Loader=yaml.SafeLoader)
+            data = yaml.load(self.text, Loader=_UniqueKeyLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            problem = exc.problem or "invalid YAML"
+            if exc.context and "duplicate" not in problem:
+                problem = f"{exc.context}: {problem}"
+            issue = StoryIssue((), f"YAML syntax error: {problem}")
+            if mark is not None:
+                issue.line, issue.column = mark.line + 1, mark.column + 1
+            raise StoryError(self.path, [issue]) from None
+        except yaml.YAMLError as exc:
+            raise StoryError(self.path, [StoryIssue((), f"YAML error: {exc}")]) from None
+        if data is None:
+            raise StoryError(
+                self.path, [StoryIssue((), "the file is empty; a story needs at least `frames`")]
+            )
+        if not isinstance(data, dict):
+            raise self.error(
+                [
+                    (
+                        (),
+                        "a story is a mapping of keys (name, frames, ...), "
+                        f"not a {type(data).__name__}",
+                    )
+                ]
+            )
+        return data
+
+
+def load_story(
+    path: Path | str,
+    configs: Configs | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Story:
+    """Read, validate and resolve a story file. Raises `StoryError` on any problem.
+
+    `overrides` (e.g. from `--model`, `--seed`) replace story values before validation.
+    """
+    path = Path(path)
+    configs = configs or Configs()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StoryError(path, [StoryIssue((), "no such file")]) from None
+    except IsADirectoryError:
+        raise StoryError(
+            path, [StoryIssue((), "is a folder, expected a .yaml story file")]
+        ) from None
+    except UnicodeDecodeError:
+        raise StoryError(path, [StoryIssue((), "not a UTF-8 text file")]) from None
+    except OSError as exc:
+        raise StoryError(path, [StoryIssue((), f"cannot read ({exc.strerror})")]) from None
+
+    source = StoryFile(path, text)
+    data = source.parse()
+    try:
+        defaults = configs.defaults
+    except ConfigFileError as exc:
+        raise StoryError(path, [StoryIssue((), f"configuration problem: {exc}")]) from None
+    merged = _deep_merge(defaults, {"name": path.stem, **data, **(overrides or {})})
+    try:
+        story = Story.model_validate(merged)
+    except ValidationError as exc:
+        issues = [(_clean_loc(err["loc"]), _message(err)) for err in exc.errors(include_url=False)]
+        raise source.error(issues) from None
+    problems = check_story(story, configs, base_dir=path.parent)
+    if problems:
+        raise source.error(problems)
+    return story
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic checks (things one field's type cannot say)
+
+
+def frame_tags(prompt: str) -> list[str]:
+    return [t.strip() for t in TAG_RE.findall(prompt)]
+
+
+def is_model_path(model: str) -> bool:
+    return (
+        model.startswith((".", "/", "~"))
+        or model.lower().endswith(MODEL_FILE_SUFFIXES)
+        or "\\" in model
+    )
+
+
+def resolve_model_path(model: str, base_dir: Path) -> Path:
+    path = Path(model).expanduser()
+    return path if path.is_absolute() else (base_dir / path)
+
+
+def check_model(model: str, configs: Configs, base_dir: Path) -> str | None:
+    """Return a problem with a `model` value, or None. Hub ids are not checked here."""
+    if model in configs.presets:
+        return None
+    if is_model_path(model) or resolve_model_path(model, base_dir).exists():
+        path = resolve_model_path(model, base_dir)
+        if not path.exists():
+            return (
+                f"model file or folder '{model}' does not exist (looked at {path}); "
+                "fix the path, or use a preset: " + ", ".join(configs.presets)
+            )
+        if path.is_dir() and not (path / "model_index.json").exists():
+            return f"'{model}' is a folder without model_index.json, not a diffusers model folder"
+        if path.is_file() and not path.name.lower().endswith(MODEL_FILE_SUFFIXES):
+            return f"'{model}' is a file but not a .safetensors or .ckpt checkpoint"
+        return None
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        return None  # a hub id; whether it is cached is known only when loading
+    return (
+        f"unknown model '{model}': use a preset ({', '.join(configs.presets)}), "
+        "a hub id like org/name, a local diffusers folder or a .safetensors file"
+    )
+
+
+def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    if story.identity is not None and story.characters is not None:
+        problems.append((("characters",), "give either `identity` or `characters`, not both"))
+
+    if (problem := check_model(story.model, configs, base_dir)) is not None:
+        problems.append((("model",), problem))
+    if story.style is not None and story.style not in configs.styles:
+        problems.append(
+            (
+                ("style",),
+                f"unknown style '{story.style}'; choose one of: {', '.join(configs.styles)}",
+            )
+        )
+    spec = SCHEDULERS.get(story.scheduler)
+    if spec is None:
+        problems.append(
+            (
+                ("scheduler",),
+                f"unknown scheduler '{story.scheduler}'; choose one of: {', '.join(SCHEDULERS)}",
+            )
+        )
+    elif spec.unet_calls_per_step > 1 and story.uses_consistency:
+        problems.append(
+            (
+                ("scheduler",),
+                f"'{story.scheduler}' calls the UNet {spec.unet_calls_per_step} times per step, "
+                "but Consistent Self-Attention schedules by step; use a first-order scheduler "
+                "such as euler, ddim or dpmpp-2m-karras",
+            )
+        )
+
+    defined = story.cast
+    for i, frame in enumerate(story.frames):
+        tags = frame_tags(frame.prompt)
+        names = [t for t in tags if t != NO_CHARACTER_TAG]
+        for name in names:
+            if story.characters is None:
+                problems.append(
+                    (
+                        ("frames", i),
+                        f"tag [{name}] names a character, but this story uses `identity`; "
+                        "define characters under `characters:` to use tags",
+                    )
+                )
+            elif name not in defined:
+                problems.append(
+                    (
+                        ("frames", i),
+                        f"unknown character tag [{name}]; defined: {', '.join(defined)}",
+                    )
+                )
+        if NO_CHARACTER_TAG in tags and names:
+            problems.append(
+                (("frames", i), f"[{NO_CHARACTER_TAG}] frame cannot also show [{names[0]}]")
+            )
+        stripped = TAG_RE.sub("", frame.prompt).strip(" ,")
+        if not stripped and not names:
+            problems.append((("frames", i, "prompt"), "prompt is empty once tags are removed"))
+
+    if story.uses_consistency and not problems:
+        from .plan import single_character_frames
+
+        singles = single_character_frames(story)
+        need = story.consistency.id_length
+        for name in defined:
+            have = len(singles[name])
+            if have < need:
+                where = ("characters", name) if story.characters is not None else ("identity",)
+                used = "is never shown" if have == 0 else f"is shown alone in only {have} frame(s)"
+                problems.append(
+                    (
+                        where,
+                        f"character '{name}' {used}, but consistency.id_length is {need}: "
+                        f"its first {need} solo frames are its references; add solo frames or "
+                        "lower id_length",
+                    )
+                )
+    return problems
