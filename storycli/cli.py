@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -42,14 +43,14 @@ def _stderr() -> Console:
 def _fail(message: str, code: int, verbose: bool = False) -> typer.Exit:
     if verbose and sys.exc_info()[0] is not None:
         traceback.print_exc()
-    _stderr().print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
+    _stderr().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
 def _story_error(exc: StoryError) -> typer.Exit:
     console = _stderr()
     for line in exc.lines():
-        console.print(f"[bold red]error:[/] {line}", soft_wrap=True, highlight=False, markup=True)
+        console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
     return typer.Exit(EXIT_INVALID)
 
 
@@ -119,9 +120,10 @@ def validate(
                 for name, idx in plan.references.items()
             )
             _stderr().print(
-                f"[green]ok[/] {path}: {len(plan.frames)} frames"
-                + (f", references {refs}" if refs else ""),
+                f"[green]ok[/] {escape(str(path))}: {len(plan.frames)} frames"
+                + (f", references {escape(refs)}" if refs else ""),
                 highlight=False,
+                soft_wrap=True,
             )
     if json_out:
         typer.echo(json.dumps({"schema_version": 1, "stories": results}, indent=2))
@@ -132,8 +134,9 @@ def validate(
 def _print_plan(plan: Any, console: Console) -> None:
     story = plan.story
     console.print(
-        f"[bold]{story.name}[/]: {len(plan.frames)} frames, {story.width}×{story.height}, "
-        f"{story.steps} steps, guidance {story.guidance}, {story.scheduler}, model {story.model}, "
+        f"[bold]{escape(story.name)}[/]: {len(plan.frames)} frames, {story.width}×{story.height}, "
+        f"{story.steps} steps, guidance {story.guidance}, {story.scheduler}, "
+        f"model {escape(story.model)}, "
         f"seed {story.seed} (noise {story.noise}), consistency {story.consistency.method}",
         highlight=False,
     )
@@ -146,11 +149,11 @@ def _print_plan(plan: Any, console: Console) -> None:
         role = f"reference of {f.reference_of}" if f.reference_of else f.role
         table.add_row(
             str(f.number),
-            role,
-            ", ".join(f.characters) or "—",
+            escape(role),
+            escape(", ".join(f.characters)) or "—",
             str(f.seed),
-            f.prompt,
-            f.caption or "",
+            escape(f.prompt),
+            escape(f.caption or ""),
         )
     console.print(table)
 
@@ -252,13 +255,13 @@ def generate(
         overwrite=overwrite,
     )
     configs = Configs()
+    try:
+        plan = load_plan(story, options, configs)
+    except StoryError as exc:
+        raise _story_error(exc) from None
+    except ConfigFileError as exc:
+        raise _fail(str(exc), EXIT_INVALID) from None
     if dry_run:
-        try:
-            plan = load_plan(story, options, configs)
-        except StoryError as exc:
-            raise _story_error(exc) from None
-        except ConfigFileError as exc:
-            raise _fail(str(exc), EXIT_INVALID) from None
         if json_out:
             typer.echo(json.dumps(plan.to_dict(), indent=2, ensure_ascii=False))
         else:
@@ -275,12 +278,9 @@ def generate(
         from .runs import OutputConflict
 
         with StoryProgress(_stderr(), enabled=show) as progress:
-            result = generate_story(story, options, configs, progress.hooks())
-    except StoryError as exc:
-        raise _story_error(exc) from None
-    except (ConfigFileError, ModelUnavailable, OutputConflict) as exc:
-        code = EXIT_INVALID if isinstance(exc, ConfigFileError) else EXIT_RUNTIME
-        raise _fail(str(exc), code, verbose > 0) from None
+            result = generate_story(story, options, configs, progress.hooks(), plan=plan)
+    except (ModelUnavailable, OutputConflict) as exc:
+        raise _fail(str(exc), EXIT_RUNTIME, verbose > 0) from None
     except KeyboardInterrupt:
         _stderr().print("interrupted: finished frames are kept; run the same command to resume")
         raise typer.Exit(130) from None
@@ -296,9 +296,11 @@ def generate(
     elif not quiet:
         made, kept = len(result.generated), len(result.skipped)
         _stderr().print(
-            f"[green]done[/] {result.folder}: {made} frame(s) generated, {kept} unchanged, "
+            f"[green]done[/] {escape(str(result.folder))}: {made} frame(s) generated, "
+            f"{kept} unchanged, "
             f"grid.png and manifest.json written in {result.seconds:.1f} s",
             highlight=False,
+            soft_wrap=True,
         )
 
 

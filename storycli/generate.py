@@ -88,19 +88,21 @@ def generate_story(
     options: GenerateOptions,
     configs: Configs | None = None,
     hooks: Hooks | None = None,
+    plan: Plan | None = None,
 ) -> GenerateResult:
     """Generate (or resume) a story's keyframes. Raises StoryError, ModelUnavailable,
-    OutputConflict for the user's mistakes."""
+    OutputConflict for the user's mistakes. `plan`: the story's plan, if already loaded."""
+    started = time.perf_counter()
+    configs = configs or Configs()
+    hooks = hooks or Hooks()
+    plan = plan or load_plan(story_path, options, configs)
+    # Heavy imports only once the story is known to be valid.
     import torch
 
     from .keyframes import calls_needed, generate_keyframes, render_size
     from .models import load_pipeline, set_scheduler
     from .runs import StoryRun, peak_memory
 
-    configs = configs or Configs()
-    hooks = hooks or Hooks()
-    started = time.perf_counter()
-    plan = load_plan(story_path, options, configs)
     story = plan.story
     folder = options.out / story.name
     # Ownership is checked before the (slow) model load; frame keys need the model, after it.
@@ -126,7 +128,16 @@ def generate_story(
     if loaded.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
+    import diffusers
+    import transformers
+
+    versions = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
     if todo:
+        run.write_manifest((size.width, size.height), versions, {}, complete=False)
         set_scheduler(loaded.pipe, story.scheduler)
         calls = calls_needed(plan, todo)
         if hooks.on_start:
@@ -149,14 +160,11 @@ def generate_story(
     memory, memory_kind = peak_memory(loaded.device)
     result.generated = sorted(run.generated)
     result.skipped = [f.index for f in plan.frames if f.index not in run.generated]
+    if options.overwrite:
+        run.remove_stale_frames()
     run.write_grid()
     result.seconds = time.perf_counter() - started
     result.peak_memory_bytes = memory
-    versions = {"torch": torch.__version__}
-    import diffusers
-    import transformers
-
-    versions |= {"diffusers": diffusers.__version__, "transformers": transformers.__version__}
     run.write_manifest(
         (size.width, size.height),
         versions,

@@ -78,6 +78,20 @@ class PlannedFrame:
     def number(self) -> int:
         return self.index + 1
 
+    def describe(self) -> dict[str, Any]:
+        """The frame as recorded in plans, manifests and PNG metadata."""
+        return {
+            "frame": self.number,
+            "file": self.file,
+            "role": self.role,
+            "reference_of": self.reference_of,
+            "characters": list(self.characters),
+            "prompt": self.prompt,
+            "negative": self.negative,
+            "caption": self.caption,
+            "seed": self.seed,
+        }
+
 
 @dataclass(frozen=True)
 class GenerationCall:
@@ -148,20 +162,7 @@ class Plan:
                 }
                 for c in self.calls
             ],
-            "frames": [
-                {
-                    "frame": f.number,
-                    "file": f.file,
-                    "role": f.role,
-                    "reference_of": f.reference_of,
-                    "characters": list(f.characters),
-                    "prompt": f.prompt,
-                    "negative": f.negative,
-                    "caption": f.caption,
-                    "seed": f.seed,
-                }
-                for f in self.frames
-            ],
+            "frames": [f.describe() for f in self.frames],
         }
 
 

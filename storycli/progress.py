@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -60,7 +61,7 @@ class StoryProgress:
                 "[yellow]tiny random model[/]: for tests and smoke runs; its frames are noise"
             )
         else:
-            self._note(f"model {loaded.model_id} on {loaded.device} ({loaded.dtype})")
+            self._note(f"model {escape(loaded.model_id)} on {loaded.device} ({loaded.dtype})")
 
     def _on_start(self, frames: int, calls: int, steps: int) -> None:
         self.frames_task = self.progress.add_task("frames", total=frames)

@@ -103,6 +103,10 @@ class StoryRun:
             if meta is not None and meta.get("key") == key:
                 if isinstance(previous_seconds.get(key), (int, float)):
                     self.seconds[frame.index] = float(previous_seconds[key])
+                if meta.get("caption") != frame.caption:
+                    # Captions do not change pixels: refresh the embedded metadata only.
+                    with Image.open(path) as image:
+                        self._write_png(frame, image.copy())
             else:
                 todo.append(frame.index)
         return todo
@@ -116,14 +120,7 @@ class StoryRun:
             "storydiff_version": __version__,
             "key": self.keys[frame.index],
             "story": story.name,
-            "frame": frame.number,
-            "prompt": frame.prompt,
-            "negative": frame.negative,
-            "caption": frame.caption,
-            "characters": list(frame.characters),
-            "role": frame.role,
-            "reference_of": frame.reference_of,
-            "seed": frame.seed,
+            **frame.describe(),
             "size": list(size),
             "steps": story.steps,
             "guidance": story.guidance,
@@ -134,7 +131,12 @@ class StoryRun:
         }
 
     def save_frame(self, index: int, image: Image.Image, seconds: float) -> Path:
-        frame = self.plan.frames[index]
+        path = self._write_png(self.plan.frames[index], image)
+        self.seconds[index] = seconds
+        self.generated.add(index)
+        return path
+
+    def _write_png(self, frame: PlannedFrame, image: Image.Image) -> Path:
         story = self.plan.story
         self.folder.mkdir(parents=True, exist_ok=True)
         parameters = a1111_parameters(
@@ -153,9 +155,15 @@ class StoryRun:
         )
         path = self.folder / frame.file
         save_png(image, path, parameters, self.frame_metadata(frame, image.size))
-        self.seconds[index] = seconds
-        self.generated.add(index)
         return path
+
+    def remove_stale_frames(self) -> list[Path]:
+        """Delete frame files that the current plan does not have (after --overwrite)."""
+        current = {f.file for f in self.plan.frames}
+        stale = [p for p in self.folder.glob("frame_*.png") if p.name not in current]
+        for path in stale:
+            path.unlink()
+        return stale
 
     def write_grid(self) -> Path:
         images = []
@@ -170,11 +178,20 @@ class StoryRun:
         return path
 
     def write_manifest(
-        self, size: tuple[int, int], versions: dict[str, str], extra: dict[str, Any]
+        self,
+        size: tuple[int, int],
+        versions: dict[str, str],
+        extra: dict[str, Any],
+        complete: bool = True,
     ) -> Path:
+        """Write manifest.json. It is written once before generation (`complete: false`, which
+        also claims the folder for this story, so an interrupted first run can resume) and again
+        at the end."""
         plan = self.plan
+        self.folder.mkdir(parents=True, exist_ok=True)
         manifest = {
             "schema_version": SCHEMA_VERSION,
+            "complete": complete,
             "storydiff_version": __version__,
             "versions": versions,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -186,15 +203,7 @@ class StoryRun:
             "grid": GRID,
             "frames": [
                 {
-                    "frame": f.number,
-                    "file": f.file,
-                    "prompt": f.prompt,
-                    "negative": f.negative,
-                    "caption": f.caption,
-                    "characters": list(f.characters),
-                    "role": f.role,
-                    "reference_of": f.reference_of,
-                    "seed": f.seed,
+                    **f.describe(),
                     "key": self.keys[f.index],
                     "seconds": self.seconds.get(f.index),
                     "generated_this_run": f.index in self.generated,

@@ -7,6 +7,7 @@ raises `StoryError` whose issues each carry `file:line:col field: message`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -201,6 +202,16 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict
     out: dict[Any, Any] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            # Every key of a story is text; YAML would turn `yes:`/`1:` into a bool/int.
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f'key {key_node.value!r} must be text (quote it, e.g. "{key_node.value}":)'
+                if isinstance(key_node, yaml.ScalarNode)
+                else "keys must be plain text, not lists or mappings",
+                key_node.start_mark,
+            )
         if key in out:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key '{key}'", key_node.start_mark
@@ -244,9 +255,12 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_PYDANTIC_TAG = re.compile(r"^[a-z]+(-[a-z]+)*\[.*\]$")
+
+
 def _clean_loc(loc: tuple[Any, ...]) -> Loc:
-    # Pydantic adds validator/union tags (e.g. 'function-before[...]') that mean nothing to users.
-    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and "-" not in p))
+    # Pydantic adds validator tags (e.g. 'function-before[...]') that mean nothing to users.
+    return tuple(p for p in loc if isinstance(p, int) or not _PYDANTIC_TAG.match(p))
 
 
 def _message(error: dict[str, Any]) -> str:
@@ -269,9 +283,14 @@ class StoryFile:
         self.text = text
         self.root: yaml.Node | None = None
 
-    def error(self, issues: list[tuple[Loc, str]]) -> StoryError:
+    def error(self, issues: list[tuple[Loc, str]], overridden: Iterable[str] = ()) -> StoryError:
+        """Locate each issue in the file; issues about command-line overrides name the option."""
         out = []
+        overridden = set(overridden)
         for loc, message in issues:
+            if loc and loc[0] in overridden:
+                out.append(StoryIssue((f"--{loc[0]}", *loc[1:]), message))
+                continue
             node = _node_at(self.root, loc, at_key=message.startswith("unknown key"))
             line = col = None
             if node is not None:
@@ -342,15 +361,17 @@ def load_story(
         defaults = configs.defaults
     except ConfigFileError as exc:
         raise StoryError(path, [StoryIssue((), f"configuration problem: {exc}")]) from None
-    merged = _deep_merge(defaults, {"name": path.stem, **data, **(overrides or {})})
+    # The default name is the file's stem, made safe for a folder name.
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "story"
+    merged = _deep_merge(defaults, {"name": stem, **data, **(overrides or {})})
     try:
         story = Story.model_validate(merged)
     except ValidationError as exc:
         issues = [(_clean_loc(err["loc"]), _message(err)) for err in exc.errors(include_url=False)]
-        raise source.error(issues) from None
+        raise source.error(issues, overrides or ()) from None
     problems = check_story(story, configs, base_dir=path.parent)
     if problems:
-        raise source.error(problems)
+        raise source.error(problems, overrides or ())
     return story
 
 
@@ -400,9 +421,10 @@ def check_model(model: str, configs: Configs, base_dir: Path) -> str | None:
 
 
 def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Loc, str]]:
-    problems: list[tuple[Loc, str]] = []
     if story.identity is not None and story.characters is not None:
-        problems.append((("characters",), "give either `identity` or `characters`, not both"))
+        # Checking tags against either cast would only add contradictory messages.
+        return [(("characters",), "give either `identity` or `characters`, not both")]
+    problems: list[tuple[Loc, str]] = []
 
     if (problem := check_model(story.model, configs, base_dir)) is not None:
         problems.append((("model",), problem))

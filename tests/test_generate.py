@@ -1,0 +1,721 @@
+"""End-to-end tests of `storydiff generate` with the tiny random SDXL model (CPU, offline).
+
+Every run here is real: story file → plan → tiny diffusers pipeline with Consistent
+Self-Attention → PNG frames with metadata, grid.png and manifest.json. Stories are small
+(3 steps, at most 6 frames; the tiny preset renders at 64 px on the long side), so a run
+takes well under a second once torch is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+import storycli
+from storycli.cli import app
+from storycli.config import Configs
+from storycli.render import read_png_metadata
+from storycli.story import load_story
+
+REPO = Path(__file__).resolve().parent.parent
+STORIES = REPO / "stories"
+
+ANN = "a woman with red hair"
+BOB = "a man with a blue hat"
+NEGATIVE = "blurry"
+SEED = 3
+
+# Ann's first two solo frames (1, 3) and Bob's (2, 4) are the references; 5 reads Ann, 6 Bob.
+PAIR_FRAMES: list[dict[str, Any]] = [
+    {"prompt": "[Ann] walks in the park", "caption": "one"},
+    {"prompt": "[Bob] reads a book", "caption": None},
+    {"prompt": "[Ann] drinks tea", "caption": None},
+    {"prompt": "[Bob] sleeps under a tree", "caption": None},
+    {"prompt": "[Ann] sings a song", "caption": "five"},
+    {"prompt": "[Bob] runs by the river", "caption": None},
+]
+PAIR_EXPANDED = [
+    f"{ANN} walks in the park",
+    f"{BOB} reads a book",
+    f"{ANN} drinks tea",
+    f"{BOB} sleeps under a tree",
+    f"{ANN} sings a song",
+    f"{BOB} runs by the river",
+]
+PAIR_ROLES = [
+    ("reference", "Ann"),
+    ("reference", "Bob"),
+    ("reference", "Ann"),
+    ("reference", "Bob"),
+    ("read", None),
+    ("read", None),
+]
+PAIR_FILES = [f"frame_{i:02d}.png" for i in range(1, 7)]
+RENDER_SIZE = (64, 48)  # 256x192 with the tiny preset's long side of 64
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def pair_story(**changes: Any) -> dict[str, Any]:
+    story: dict[str, Any] = {
+        "name": "pair",
+        "model": "tiny",
+        "style": "comic",
+        "characters": {"Ann": ANN, "Bob": BOB},
+        "frames": [dict(f) for f in PAIR_FRAMES],
+        "negative": NEGATIVE,
+        "seed": SEED,
+        "noise": "per-frame",
+        "width": 256,
+        "height": 192,
+        "steps": 3,
+        "guidance": 5.0,
+        "scheduler": "euler",
+        "consistency": {"method": "storydiffusion", "id_length": 2, "late_from_step": 2},
+    }
+    story.update(changes)
+    return story
+
+
+def write_story(path: Path, story: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(story, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str | Path, code: int = 0) -> Any:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (
+        f"exit {result.exit_code}, expected {code}\nstdout:\n{result.stdout}\n"
+        f"stderr:\n{result.stderr}\nexception: {result.exception!r}"
+    )
+    return result
+
+
+def generate_json(story: Path, out: Path, *extra: str) -> dict[str, Any]:
+    result = run_cli("generate", story, "--out", out, "--json", *extra)
+    return json.loads(result.stdout)
+
+
+def statuses(summary: dict[str, Any]) -> dict[int, str]:
+    return {entry["frame"]: entry["status"] for entry in summary["frames"]}
+
+
+def generated(summary: dict[str, Any]) -> set[int]:
+    return {n for n, status in statuses(summary).items() if status == "generated"}
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB")).copy()
+
+
+def frames_of(folder: Path) -> dict[str, np.ndarray]:
+    return {name: pixels(folder / name) for name in PAIR_FILES}
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def storydiff_command() -> list[str]:
+    script = Path(sys.executable).with_name("storydiff")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("storydiff")
+    assert found, "the storydiff console script is not installed"
+    return [found]
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a subprocess: offline, with an empty Hugging Face cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "PYTHONWARNINGS": "ignore",
+        "COLUMNS": "200",
+    }
+    return env
+
+
+# --------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One full CLI run of the two-character story, shared by the read-only checks."""
+    root = tmp_path_factory.mktemp("base")
+    story = write_story(root / "pair.yaml", pair_story())
+    out = root / "out"
+    result = run_cli("generate", story, "--out", out)
+    folder = out / "pair"
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    return {"story": story, "out": out, "folder": folder, "result": result, "manifest": manifest}
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> dict[str, Any]:
+    """A story file of our own and a finished first run of it (for tests that change things)."""
+    story = write_story(tmp_path / "story" / "pair.yaml", pair_story())
+    out = tmp_path / "out"
+    summary = generate_json(story, out)
+    assert generated(summary) == set(range(1, 7))
+    folder = out / "pair"
+    return {"story": story, "out": out, "folder": folder, "frames": frames_of(folder)}
+
+
+# ------------------------------------------------------------------------ 1. CLI end to end
+
+
+def test_cli_writes_frames_grid_and_manifest(base_run: dict[str, Any]) -> None:
+    folder = base_run["folder"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*PAIR_FILES, "grid.png", "manifest.json"]
+    )
+    manifest = base_run["manifest"]
+    assert manifest["size"] == list(RENDER_SIZE)
+    assert manifest["model"]["render_size"] == list(RENDER_SIZE)
+    for name in PAIR_FILES:
+        with Image.open(folder / name) as img:
+            assert img.format == "PNG"
+            assert img.size == RENDER_SIZE
+    with Image.open(folder / "grid.png") as grid:
+        assert grid.format == "PNG"
+        # 6 frames → 3 columns x 2 rows, plus gaps and caption bands.
+        assert grid.width > 3 * RENDER_SIZE[0]
+        assert grid.height > 2 * RENDER_SIZE[1]
+
+
+def test_cli_console_output(base_run: dict[str, Any]) -> None:
+    result = base_run["result"]
+    assert "tiny random model" in result.stderr
+    # Rich wraps the summary line at the console width; compare with whitespace collapsed.
+    assert "6 frame(s) generated, 0 unchanged" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.output
+    assert result.stdout.strip() == ""  # human output goes to stderr
+
+
+def test_manifest_contents(base_run: dict[str, Any]) -> None:
+    manifest = base_run["manifest"]
+    story_path = base_run["story"]
+
+    assert manifest["story_file"] == str(story_path.resolve())
+    resolved = load_story(story_path, Configs()).model_dump(mode="json")
+    assert manifest["story"] == resolved
+    # Resolved means defaults filled in, not just what the file says.
+    defaults = Configs().defaults["consistency"]
+    assert manifest["story"]["consistency"]["warmup_steps"] == defaults["warmup_steps"]
+    assert manifest["story"]["consistency"]["blocks"] == defaults["blocks"]
+    assert manifest["story"]["consistency"]["id_length"] == 2
+
+    model = manifest["model"]
+    assert model["id"] == "tiny"
+    assert model["preset"] == "tiny"
+    assert model["tiny_random_model"] is True
+    assert model["device"] == "cpu"
+
+    import diffusers
+    import torch
+
+    assert manifest["storydiff_version"] == storycli.__version__
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["versions"]["diffusers"] == diffusers.__version__
+
+    assert isinstance(manifest["peak_memory_bytes"], int)
+    assert manifest["peak_memory_bytes"] > 0
+    assert manifest["references"] == {"Ann": [1, 3], "Bob": [2, 4]}
+    assert manifest["grid"] == "grid.png"
+
+    comic = Configs().styles["comic"]
+    assert len(manifest["frames"]) == 6
+    for i, entry in enumerate(manifest["frames"]):
+        assert entry["frame"] == i + 1
+        assert entry["file"] == PAIR_FILES[i]
+        assert entry["prompt"] == comic.apply(PAIR_EXPANDED[i])
+        assert "[" not in entry["prompt"]
+        assert entry["caption"] == PAIR_FRAMES[i]["caption"]
+        assert entry["seed"] == SEED + i  # noise: per-frame
+        assert (entry["role"], entry["reference_of"]) == PAIR_ROLES[i]
+        assert isinstance(entry["seconds"], (int, float))
+        assert not isinstance(entry["seconds"], bool)
+        assert entry["seconds"] >= 0
+        assert entry["generated_this_run"] is True
+        assert entry["negative"].endswith(NEGATIVE)
+    assert manifest["frames"][4]["characters"] == ["Ann"]
+    assert manifest["frames"][5]["characters"] == ["Bob"]
+
+
+# ------------------------------------------------------------- 2. the shipped two-character story
+
+
+def test_two_friends_example_with_tiny_model(tmp_path: Path) -> None:
+    summary = generate_json(STORIES / "two_friends.yaml", tmp_path, "--model", "tiny")
+    folder = tmp_path / "two-friends"
+    names = [f"frame_{i:02d}.png" for i in range(1, 10)]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*names, "grid.png", "manifest.json"])
+    assert generated(summary) == set(range(1, 10))
+    assert summary["size"] == [64, 48]  # 1024x768 scaled to the tiny long side
+    for name in names:
+        with Image.open(folder / name) as img:
+            assert img.size == (64, 48)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["story"]["steps"] == 30
+    assert manifest["story"]["model"] == "tiny"
+    assert manifest["model"]["tiny_random_model"] is True
+    assert manifest["references"] == {"Mara": [1, 3], "Ollie": [2, 4]}
+    roles = [f["role"] for f in manifest["frames"]]
+    assert roles == ["reference"] * 4 + ["read", "read", "plain", "read", "read"]
+    assert manifest["frames"][7]["characters"] == ["Mara", "Ollie"]
+    assert manifest["frames"][0]["prompt"].startswith("children's storybook illustration, a girl")
+
+
+# ---------------------------------------------------------------------------- 3. determinism
+
+
+def test_same_story_and_seed_give_identical_pixels(
+    base_run: dict[str, Any], tmp_path: Path
+) -> None:
+    story = base_run["story"]
+    generate_json(story, tmp_path / "a")
+    generate_json(story, tmp_path / "b")
+    reference = frames_of(base_run["folder"])
+    for out in ("a", "b"):
+        again = frames_of(tmp_path / out / "pair")
+        for name in PAIR_FILES:
+            np.testing.assert_array_equal(again[name], reference[name], err_msg=name)
+    # The frames are not all the same picture.
+    assert not np.array_equal(reference["frame_01.png"], reference["frame_02.png"])
+
+    summary = generate_json(story, tmp_path / "c", "--seed", "4")
+    other = frames_of(tmp_path / "c" / "pair")
+    for name in PAIR_FILES:
+        assert not np.array_equal(other[name], reference[name]), name
+    manifest = json.loads((tmp_path / "c" / "pair" / "manifest.json").read_text("utf-8"))
+    assert manifest["story"]["seed"] == 4
+    assert [f["seed"] for f in manifest["frames"]] == [4 + i for i in range(6)]
+    assert generated(summary) == set(range(1, 7))
+
+
+# ---------------------------------------------------------------------------------- 4. resume
+
+
+def test_rerun_without_changes_skips_everything(fresh: dict[str, Any]) -> None:
+    folder = fresh["folder"]
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("frame_*.png")}
+    summary = generate_json(fresh["story"], fresh["out"])
+    assert set(statuses(summary).values()) == {"skipped"}
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("frame_*.png")} == before
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert all(f["generated_this_run"] is False for f in manifest["frames"])
+    # Timings of skipped frames are carried over from the previous manifest.
+    assert all(isinstance(f["seconds"], (int, float)) for f in manifest["frames"])
+
+
+@pytest.mark.parametrize("number", [6, 2], ids=["read-frame", "reference-frame"])
+def test_deleted_frame_is_regenerated_identically(fresh: dict[str, Any], number: int) -> None:
+    folder = fresh["folder"]
+    name = PAIR_FILES[number - 1]
+    (folder / name).unlink()
+    before = mtimes(folder)
+
+    summary = generate_json(fresh["story"], fresh["out"])
+
+    assert generated(summary) == {number}
+    assert statuses(summary) == {n: "generated" if n == number else "skipped" for n in range(1, 7)}
+    np.testing.assert_array_equal(pixels(folder / name), fresh["frames"][name])
+    after = mtimes(folder)
+    for other in PAIR_FILES:
+        if other != name:
+            assert after[other] == before[other], other
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert [f["generated_this_run"] for f in manifest["frames"]] == [
+        n == number for n in range(1, 7)
+    ]
+
+
+def test_editing_a_read_frame_regenerates_only_that_frame(fresh: dict[str, Any]) -> None:
+    folder = fresh["folder"]
+    story = pair_story()
+    story["frames"][4]["prompt"] = "[Ann] dances in the rain"
+    write_story(fresh["story"], story)
+    before = mtimes(folder)
+
+    summary = generate_json(fresh["story"], fresh["out"])
+
+    assert generated(summary) == {5}
+    after = frames_of(folder)
+    assert not np.array_equal(after["frame_05.png"], fresh["frames"]["frame_05.png"])
+    now = mtimes(folder)
+    for name in PAIR_FILES:
+        if name != "frame_05.png":
+            assert now[name] == before[name], name
+            np.testing.assert_array_equal(after[name], fresh["frames"][name], err_msg=name)
+    _, meta = read_png_metadata(folder / "frame_05.png")
+    assert meta is not None
+    assert meta["prompt"] == Configs().styles["comic"].apply(f"{ANN} dances in the rain")
+
+
+def test_editing_a_caption_refreshes_metadata_without_regenerating(fresh: dict[str, Any]) -> None:
+    folder = fresh["folder"]
+    story = pair_story()
+    story["frames"][0]["caption"] = "eins"
+    write_story(fresh["story"], story)
+
+    summary = generate_json(fresh["story"], fresh["out"])
+
+    assert generated(summary) == set()
+    np.testing.assert_array_equal(pixels(folder / "frame_01.png"), fresh["frames"]["frame_01.png"])
+    _, meta = read_png_metadata(folder / "frame_01.png")
+    assert meta is not None and meta["caption"] == "eins"
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["frames"][0]["caption"] == "eins"
+
+
+def test_editing_a_reference_regenerates_that_characters_frames_only(
+    fresh: dict[str, Any],
+) -> None:
+    folder = fresh["folder"]
+    story = pair_story()
+    story["frames"][0]["prompt"] = "[Ann] climbs a hill"
+    write_story(fresh["story"], story)
+    before = mtimes(folder)
+
+    summary = generate_json(fresh["story"], fresh["out"])
+
+    # Ann's references (1, 3) and the frame reading Ann (5); Bob's 2, 4, 6 untouched.
+    assert generated(summary) == {1, 3, 5}
+    after = frames_of(folder)
+    assert not np.array_equal(after["frame_01.png"], fresh["frames"]["frame_01.png"])
+    now = mtimes(folder)
+    for name in ("frame_02.png", "frame_04.png", "frame_06.png"):
+        assert now[name] == before[name], name
+        np.testing.assert_array_equal(after[name], fresh["frames"][name], err_msg=name)
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "truncated"])
+def test_corrupt_frame_is_regenerated(fresh: dict[str, Any], damage: str) -> None:
+    folder = fresh["folder"]
+    target = folder / "frame_03.png"
+    if damage == "random-bytes":
+        target.write_bytes(np.random.default_rng(0).bytes(2000))
+    else:
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError):
+        read_png_metadata(target)
+
+    summary = generate_json(fresh["story"], fresh["out"])
+
+    assert generated(summary) == {3}
+    np.testing.assert_array_equal(pixels(target), fresh["frames"]["frame_03.png"])
+    _, meta = read_png_metadata(target)
+    assert meta is not None and meta["frame"] == 3
+
+
+# ------------------------------------------------------------------ 5. overwrite and ownership
+
+
+def test_overwrite_regenerates_everything(fresh: dict[str, Any]) -> None:
+    summary = generate_json(fresh["story"], fresh["out"], "--overwrite")
+    assert generated(summary) == set(range(1, 7))
+    manifest = json.loads((fresh["folder"] / "manifest.json").read_text(encoding="utf-8"))
+    assert all(f["generated_this_run"] is True for f in manifest["frames"])
+    again = frames_of(fresh["folder"])
+    for name in PAIR_FILES:
+        np.testing.assert_array_equal(again[name], fresh["frames"][name], err_msg=name)
+
+
+def test_another_story_with_the_same_name_needs_overwrite(fresh: dict[str, Any]) -> None:
+    folder = fresh["folder"]
+    other = pair_story()
+    other["frames"] = [{"prompt": f["prompt"] + " at night"} for f in PAIR_FRAMES]
+    other_path = write_story(fresh["story"].parent.parent / "other" / "pair.yaml", other)
+    before = snapshot(folder)
+
+    result = run_cli("generate", other_path, "--out", fresh["out"], code=1)
+
+    assert "--overwrite" in result.stderr
+    assert "error:" in result.stderr
+    assert str(fresh["story"].resolve()) in result.stderr  # names the owner
+    assert "Traceback" not in result.output
+    assert snapshot(folder) == before
+
+    summary = generate_json(other_path, fresh["out"], "--overwrite")
+    assert generated(summary) == set(range(1, 7))
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["story_file"] == str(other_path.resolve())
+    assert manifest["frames"][0]["prompt"] == Configs().styles["comic"].apply(
+        f"{ANN} walks in the park at night"
+    )
+    assert not np.array_equal(pixels(folder / "frame_01.png"), fresh["frames"]["frame_01.png"])
+
+
+def test_interrupted_first_run_resumes(tmp_path: Path) -> None:
+    from storycli.generate import GenerateOptions, Hooks, generate_story
+
+    story = write_story(tmp_path / "pair.yaml", pair_story())
+    out = tmp_path / "out"
+    saved: list[int] = []
+
+    def stop_after_two(index: int, path: Path) -> None:
+        saved.append(index)
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-run
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_story(story, GenerateOptions(out=out), hooks=Hooks(on_frame=stop_after_two))
+    folder = out / "pair"
+    assert sorted(p.name for p in folder.glob("frame_*.png")) == ["frame_01.png", "frame_03.png"]
+
+    # The CLI says "finished frames are kept; run the same command to resume".
+    summary = generate_json(story, out)
+    assert generated(summary) == {2, 4, 5, 6}
+    # The result is the same as that of an uninterrupted run.
+    generate_json(story, tmp_path / "clean")
+    clean = frames_of(tmp_path / "clean" / "pair")
+    resumed = frames_of(folder)
+    for name in PAIR_FILES:
+        np.testing.assert_array_equal(resumed[name], clean[name], err_msg=name)
+
+
+def test_overwrite_with_a_shorter_story_removes_its_extra_frames(fresh: dict[str, Any]) -> None:
+    other = pair_story()
+    other["frames"] = other["frames"][:4]
+    other_path = write_story(fresh["story"].parent.parent / "other" / "pair.yaml", other)
+    generate_json(other_path, fresh["out"], "--overwrite")
+    assert sorted(p.name for p in fresh["folder"].iterdir()) == sorted(
+        [*PAIR_FILES[:4], "grid.png", "manifest.json"]
+    )
+
+
+# ------------------------------------------------------------------------- 6. PNG metadata
+
+
+def test_png_metadata_round_trip(base_run: dict[str, Any]) -> None:
+    manifest = base_run["manifest"]
+    entry = manifest["frames"][4]
+    parameters, meta = read_png_metadata(base_run["folder"] / entry["file"])
+
+    assert parameters is not None
+    assert parameters.startswith(entry["prompt"] + "\n")
+    assert f"\nNegative prompt: {entry['negative']}\n" in parameters
+    assert "Steps: 3" in parameters
+    assert f"Seed: {entry['seed']}" in parameters
+    assert "Size: 64x48" in parameters
+    assert "CFG scale: 5.0" in parameters
+
+    assert meta is not None
+    assert meta["key"] == entry["key"]
+    assert meta["prompt"] == entry["prompt"]
+    assert meta["seed"] == entry["seed"] == SEED + 4
+    assert meta["model"]["id"] == "tiny"
+    assert meta["model"]["tiny_random_model"] is True
+    assert meta["frame"] == 5
+    assert meta["role"] == "read"
+    assert meta["size"] == list(RENDER_SIZE)
+    assert meta["storydiff_version"] == storycli.__version__
+
+
+# ------------------------------------------------------------------------------- 7. --json
+
+
+def test_json_output_is_one_document(tmp_path: Path) -> None:
+    story = write_story(tmp_path / "pair.yaml", pair_story())
+    result = run_cli("generate", story, "--out", tmp_path / "out", "--json")
+    summary = json.loads(result.stdout)  # the whole of stdout, nothing else
+    assert summary["schema_version"] == 1
+    assert summary["name"] == "pair"
+    assert Path(summary["folder"]) == tmp_path / "out" / "pair"
+    assert summary["size"] == list(RENDER_SIZE)
+    assert summary["model"]["tiny_random_model"] is True
+    assert summary["peak_memory_bytes"] > 0
+    assert isinstance(summary["seconds"], (int, float))
+    assert [Path(f["file"]).name for f in summary["frames"]] == PAIR_FILES
+    assert all(Path(f["file"]).is_file() for f in summary["frames"])
+    assert Path(summary["grid"]).is_file()
+    assert Path(summary["manifest"]).is_file()
+    # No progress or "done" line with --json.
+    assert "done" not in result.stderr
+    assert "tiny random model" not in result.stderr
+
+
+# --------------------------------------------------------- 8. default model, offline, uncached
+
+
+def test_default_model_offline_fails_cleanly(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*storydiff_command(), "generate", str(STORIES / "lighthouse.yaml"), "--out", str(out)],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, proc.stderr
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in error_lines[0]
+    assert "hf download" in error_lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stdout == ""
+    assert list(tmp_path.rglob("*.png")) == []
+    assert not (out / "lighthouse").exists() or not any((out / "lighthouse").iterdir())
+
+
+# ------------------------------------------------------------------------ 9. guidance 1 (no CFG)
+
+
+def test_guidance_one_without_cfg_in_a_subprocess(tmp_path: Path) -> None:
+    story = write_story(
+        tmp_path / "solo.yaml",
+        {
+            "name": "solo",
+            "model": "tiny",
+            "identity": "a lighthouse keeper in a yellow coat",
+            "frames": [
+                "climbs the stairs #up",
+                "rows a boat",
+                "[NC] a lantern in the rain #light",
+            ],
+            "seed": 11,
+            "width": 256,
+            "height": 256,
+            "steps": 4,
+            "guidance": 1.0,
+            "scheduler": "euler",
+            "consistency": {"method": "storydiffusion", "id_length": 2, "late_from_step": 2},
+        },
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*storydiff_command(), "generate", str(story), "--out", str(out), "--json"],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)  # a real process's stdout: one JSON document
+    assert generated(summary) == {1, 2, 3}
+    assert summary["size"] == [64, 64]
+    folder = out / "solo"
+    for name in ("frame_01.png", "frame_02.png", "frame_03.png", "grid.png", "manifest.json"):
+        assert (folder / name).is_file(), name
+    for i in (1, 2, 3):
+        with Image.open(folder / f"frame_{i:02d}.png") as img:
+            assert img.size == (64, 64)
+        parameters, _ = read_png_metadata(folder / f"frame_{i:02d}.png")
+        assert parameters is not None and "CFG scale: 1.0" in parameters
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["story"]["guidance"] == 1.0
+    assert manifest["references"] == {"identity": [1, 2]}
+    assert [(f["role"], f["reference_of"]) for f in manifest["frames"]] == [
+        ("reference", "identity"),
+        ("reference", "identity"),
+        ("plain", None),
+    ]
+    assert (
+        manifest["frames"][0]["prompt"] == "a lighthouse keeper in a yellow coat, climbs the stairs"
+    )
+    assert manifest["frames"][2]["prompt"] == "a lantern in the rain"
+    assert manifest["frames"][0]["seed"] == 11  # noise: shared (the default)
+    assert manifest["frames"][2]["seed"] == 11
+
+
+# ------------------------------------------------------------------------------- 10. --dry-run
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # The default sdxl model is not available offline here, so a model load would fail.
+    result = run_cli("generate", STORIES / "lighthouse.yaml", "--out", out, "--dry-run")
+    assert "lighthouse" in result.stdout
+    assert "6 frames" in result.stdout
+    assert not out.exists()
+
+    result = run_cli(
+        "generate",
+        STORIES / "lighthouse.yaml",
+        "--out",
+        out,
+        "--dry-run",
+        "--json",
+        "--model",
+        "tiny",
+        "--seed",
+        "5",
+    )
+    plan = json.loads(result.stdout)
+    assert plan["name"] == "lighthouse"
+    assert len(plan["frames"]) == 6
+    assert plan["references"] == {"identity": [1, 2, 3]}
+    assert {f["seed"] for f in plan["frames"]} == {5}
+    assert not out.exists()
+
+
+def test_dry_run_does_not_import_torch_or_diffusers(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = (
+        "import sys\n"
+        "from storycli.cli import app\n"
+        f"app(['generate', {str(STORIES / 'lighthouse.yaml')!r}, '--out', {str(out)!r},"
+        " '--dry-run'], standalone_mode=False)\n"
+        "loaded = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+        "print('LOADED', loaded)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED []" in proc.stdout
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------- 11. missing local model
+
+
+def test_missing_local_model_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    story = write_story(tmp_path / "pair.yaml", pair_story())
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("generate", story, "--out", tmp_path / "out", "--model", "./nope", code=2)
+    assert "error:" in result.stderr
+    assert str(tmp_path / "nope") in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_folder_that_is_not_a_diffusers_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    story = write_story(tmp_path / "pair.yaml", pair_story())
+    (tmp_path / "empty-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(
+        "generate", story, "--out", tmp_path / "out", "--model", "./empty-model", code=2
+    )
+    assert "model_index.json" in result.stderr
+    assert not (tmp_path / "out").exists()
