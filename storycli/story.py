@@ -61,8 +61,9 @@ class StoryError(Exception):
             where = str(self.path)
             if issue.line is not None:
                 where += f":{issue.line}:{issue.column}"
-            label = f" {issue.field}:" if issue.loc else ""
-            out.append(f"{where}:{label} {issue.message}")
+            # The compiler-style `file:line:col field: message`, which editors can jump to.
+            label = f" {issue.field}" if issue.loc else ""
+            out.append(f"{where}{label}: {issue.message}")
         return out
 
     def __str__(self) -> str:

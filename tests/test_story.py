@@ -476,8 +476,8 @@ def check_single_issue(
     else:
         assert issue.line == line_of(text, marker), lines[0]
         assert issue.column is not None and issue.column >= 1
-        prefix = f"{path}:{issue.line}:{issue.column}:"
-        assert lines[0].startswith(prefix + (f" {field}:" if field else ""))
+        prefix = f"{path}:{issue.line}:{issue.column}"
+        assert lines[0].startswith(prefix + (f" {field}: " if field else ": "))
     assert lines[0].endswith(issue.message)
     assert str(error) == lines[0]
     return issue
@@ -504,6 +504,7 @@ def test_validate_cli_bad_input(
     assert "Traceback" not in result.output
     assert result.stdout == ""
     where = f"{path}:{line_of(text, marker)}:" if marker else f"{path}: "
+    assert f"error: {path}" in result.stderr
     assert where in result.stderr
     assert f"{field}: " in result.stderr
     assert message in result.stderr
@@ -687,7 +688,7 @@ def test_validate_reports_good_and_bad_files(tmp_path: Path) -> None:
     result = run_cli("validate", good, bad)
     assert result.exit_code == EXIT_INVALID
     assert f"ok {good}: 1 frames" in result.output
-    assert f"error: {bad}:7:1: colour: unknown key" in result.output
+    assert f"error: {bad}:7:1 colour: unknown key" in result.output
 
 
 def test_generate_bad_story_exits_2_and_writes_nothing(tmp_path: Path) -> None:
@@ -730,7 +731,7 @@ def test_validate_subprocess_stderr_and_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_INVALID
     assert proc.stdout == ""
     line = line_of(text, "steps:")
-    assert f"error: {bad}:{line}:8: steps: must be a valid integer" in proc.stderr
+    assert f"error: {bad}:{line}:8 steps: must be a valid integer" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert files_under(tmp_path) == [bad]
 
