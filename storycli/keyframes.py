@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .consistency import CSAState, csa_layers, installed_csa
-from .consistency.csa import CSASettings
+from .consistency.csa import BankSettings, CSASettings
 from .plan import GenerationCall, Plan
 
 StepCallback = Callable[[int, int], None]  # (steps done in this call, total steps)
@@ -69,6 +69,18 @@ def csa_settings(plan: Plan) -> CSASettings:
         prob_early=c.prob_early,
         prob_late=c.prob_late,
         late_from_step=c.late_from_step,
+        impl=c.impl,
+        sampling=c.sampling,
+    )
+
+
+def bank_settings(plan: Plan) -> BankSettings:
+    bank = plan.story.consistency.bank
+    return BankSettings(
+        placement=bank.placement,
+        dtype=None if bank.dtype == "auto" else getattr(torch, bank.dtype),
+        levels=tuple(bank.levels),
+        max_step=bank.max_step,
     )
 
 
@@ -92,7 +104,11 @@ def generate_keyframes(
     state: CSAState | None = None
     guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if story.uses_consistency:
-        state = CSAState(csa_settings(plan), csa_layers(pipe.unet, story.consistency.blocks))
+        state = CSAState(
+            csa_settings(plan),
+            csa_layers(pipe.unet, story.consistency.blocks),
+            bank_settings(plan),
+        )
         guard = installed_csa(pipe.unet, state)
 
     with guard, torch.inference_mode():

@@ -91,6 +91,15 @@ class _Strict(BaseModel):
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
+class Bank(_Strict):
+    """Where the reference bank lives and what it holds (see README, "Performance")."""
+
+    placement: Literal["device", "cpu"]
+    dtype: Literal["auto", "float32", "float16", "bfloat16"]
+    levels: list[Literal["sa32", "sa64"]] = Field(min_length=1)
+    max_step: int | None = Field(ge=1)
+
+
 class Consistency(_Strict):
     """Consistent Self-Attention settings (see README, "Story format")."""
 
@@ -103,6 +112,9 @@ class Consistency(_Strict):
     prob_early: Rate
     prob_late: Rate
     late_from_step: int = Field(ge=0)
+    impl: Literal["fast", "reference"]
+    sampling: Literal["uniform", "temporal"]
+    bank: Bank
 
     @field_validator("blocks")
     @classmethod

@@ -51,6 +51,14 @@ class CSASettings:
     prob_early: float = 0.7
     prob_late: float = 0.9
     late_from_step: int = 20
+    # "fast": one batched attention per layer, keys/values projected once per token and gathered.
+    # "reference": the straightforward per-image loop that re-projects sampled hidden states;
+    # kept as the readable definition the fast path is tested against.
+    impl: Literal["fast", "reference"] = "fast"
+    # "uniform": each image samples every other image alike. "temporal": more tokens from the
+    # frames just before it in story order (the first frame looks at the ones after it).
+    sampling: Literal["uniform", "temporal"] = "uniform"
+    temporal_decay: float = 0.5
 
     def rate(self, level: Level) -> float:
         return self.sa32 if level == "sa32" else self.sa64
@@ -59,6 +67,41 @@ class CSASettings:
         if step < self.warmup_steps:
             return 0.0
         return self.prob_early if step < self.late_from_step else self.prob_late
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    """Where and how the reference bank is kept, and what it holds."""
+
+    # "device": next to the UNet. "cpu": host memory (pinned when the UNet is on CUDA), copied
+    # back one layer ahead of use on a side stream, so GPU memory does not grow with steps.
+    placement: Literal["device", "cpu"] = "device"
+    dtype: torch.dtype | None = None  # None: the activations' dtype
+    levels: tuple[Level, ...] = ("sa32", "sa64")  # read frames use CSA only on banked levels
+    max_step: int | None = None  # bank (and read-phase CSA) only before this step
+
+
+def temporal_counts(n: int, total: int, tokens: int, decay: float) -> torch.Tensor:
+    """How many tokens image i draws from image j (an n×n matrix with rows summing to `total`).
+
+    Image i draws from the images before it (i ≥ 1) or, for the first image, from those after it;
+    weights fall off geometrically with distance. Counts are capped at `tokens` per source.
+    """
+    counts = torch.zeros(n, n, dtype=torch.long)
+    for i in range(n):
+        sources = list(range(i - 1, -1, -1)) if i > 0 else list(range(1, n))
+        if not sources:
+            continue
+        weights = torch.tensor([decay**d for d in range(len(sources))], dtype=torch.float64)
+        want = min(total, tokens * len(sources))
+        share = torch.floor(weights / weights.sum() * want).long().clamp(max=tokens)
+        for rank in range(len(sources)):  # hand out the remainder nearest-first
+            gap = want - int(share.sum())
+            if gap <= 0:
+                break
+            share[rank] += min(gap, tokens - int(share[rank]))
+        counts[i, sources] = share
+    return counts
 
 
 _BLOCK_RE = re.compile(r"^(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.")
@@ -96,11 +139,26 @@ def csa_layers(unet: torch.nn.Module, blocks: Sequence[str] = ("up",)) -> list[L
     ]
 
 
+@dataclass
+class _LevelDraw:
+    """One step's token draws on one resolution level (write phase)."""
+
+    tokens: int  # N, tokens per image on this level
+    samples: torch.Tensor  # (n, k) each image's sampled token indices: what the bank stores
+    gather: torch.Tensor  # (n, K) flat indices into the call's n·N tokens: image i's extra tokens
+
+
 class CSAState:
     """Everything CSA remembers during one story: phase, step, draws, and the reference bank."""
 
-    def __init__(self, settings: CSASettings, layers: Sequence[LayerInfo]) -> None:
+    def __init__(
+        self,
+        settings: CSASettings,
+        layers: Sequence[LayerInfo],
+        bank: BankSettings | None = None,
+    ) -> None:
         self.settings = settings
+        self.bank_settings = bank or BankSettings()
         self.layers = tuple(layers)
         self.generator = torch.Generator(device="cpu")
         self.phase: Phase = "off"
@@ -110,9 +168,10 @@ class CSAState:
         self.step = -1
         # bank[character][step][layer name] -> (groups, references * k, channels)
         self.bank: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-        self._indices: dict[Level, torch.Tensor | None] = {}
-        self._apply = torch.zeros(len(self.layers), dtype=torch.bool)
-        self._others: torch.Tensor | None = None
+        self._draws: dict[Level, _LevelDraw] = {}
+        self._apply: list[bool] = [False] * len(self.layers)
+        self._prefetched: dict[str, tuple[torch.Tensor, object]] = {}
+        self._copy_stream: object | None = None
 
     # -- call lifecycle -----------------------------------------------------------------------
 
@@ -136,12 +195,9 @@ class CSAState:
         self.generator.manual_seed(seed)
         if phase == "write":
             self.bank[character] = {}  # type: ignore[index]
-            # others[i] lists the images j != i whose samples image i attends to.
-            idx = torch.arange(n_images)
-            self._others = torch.stack([idx[idx != i] for i in range(n_images)])
 
     def end_call(self) -> None:
-        self.phase, self._indices, self._others = "off", {}, None
+        self.phase, self._draws, self._prefetched = "off", {}, {}
 
     def clear(self) -> None:
         """Free the bank (call when the story is done)."""
@@ -158,84 +214,171 @@ class CSAState:
 
     # -- per UNet call ------------------------------------------------------------------------
 
+    def _banks_step(self, step: int) -> bool:
+        limit = self.bank_settings.max_step
+        return step >= self.settings.warmup_steps and (limit is None or step < limit)
+
     def begin_step(self, latent_height: int, latent_width: int) -> None:
         """Advance the step counter and make this step's random draws."""
         self.step += 1
+        self._prefetched = {}
         if self.phase == "off":
             return
         p = self.settings.apply_probability(self.step)
         if p <= 0.0:
-            self._apply = torch.zeros(len(self.layers), dtype=torch.bool)
+            self._apply = [False] * len(self.layers)
         else:
-            self._apply = torch.rand(len(self.layers), generator=self.generator) < p
-        self._indices = {}
+            self._apply = (torch.rand(len(self.layers), generator=self.generator) < p).tolist()
+        self._draws = {}
         if self.phase == "write" and self.step >= self.settings.warmup_steps:
             for level in ("sa32", "sa64"):
                 downsample = {layer.downsample for layer in self.layers if layer.level == level}
-                if not downsample:
+                if downsample:
+                    factor = 2 ** downsample.pop()
+                    tokens = math.ceil(latent_height / factor) * math.ceil(latent_width / factor)
+                    draw = self._draw(level, tokens)
+                    if draw is not None:
+                        self._draws[level] = draw
+
+    def _draw(self, level: Level, tokens: int) -> _LevelDraw | None:
+        n = self.n_images
+        k = round(self.settings.rate(level) * tokens)
+        if k == 0:
+            return None
+        g = self.generator
+        samples = torch.rand(n, tokens, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values
+        offsets = torch.arange(n)[:, None] * tokens
+        flat = samples + offsets  # (n, k) into the call's n·N tokens
+        if self.settings.sampling == "uniform":
+            # Image i sees every other image's sample set (the reference code's semantics).
+            others = [torch.cat([flat[j] for j in range(n) if j != i]) for i in range(n)]
+            gather = torch.stack(others) if n > 1 else flat[:, :0]
+        else:
+            total = min((n - 1) * k, tokens)
+            counts = temporal_counts(n, total, tokens, self.settings.temporal_decay)
+            rows = []
+            for i in range(n):
+                parts = [
+                    torch.randperm(tokens, generator=g)[: int(c)] + j * tokens
+                    for j, c in enumerate(counts[i].tolist())
+                    if c > 0
+                ]
+                rows.append(torch.cat(parts).sort().values if parts else flat.new_zeros(0))
+            gather = torch.stack(rows)
+        return _LevelDraw(tokens, samples, gather)
+
+    # -- bank storage ---------------------------------------------------------------------------
+
+    def _store(self, layer: LayerInfo, samples: torch.Tensor) -> None:
+        settings = self.bank_settings
+        if layer.level not in settings.levels or not self._banks_step(self.step):
+            return
+        tensor = samples.to(dtype=settings.dtype or samples.dtype)
+        if settings.placement == "cpu" and tensor.device.type != "cpu":
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            tensor = host
+        elif tensor is samples:
+            tensor = tensor.clone()
+        steps = self.bank[self.character]  # type: ignore[index]
+        steps.setdefault(self.step, {})[layer.name] = tensor
+
+    def _banked(self, layer: LayerInfo, device: torch.device, dtype: torch.dtype) -> list:
+        """The bank entries a read frame attends to in `layer`, on `device`."""
+        out = []
+        for c in self.read_characters:
+            key = f"{c}/{layer.name}"
+            if key in self._prefetched:
+                tensor, event = self._prefetched.pop(key)
+                torch.cuda.current_stream(device).wait_event(event)  # type: ignore[arg-type]
+            else:
+                tensor = self.bank[c].get(self.step, {}).get(layer.name)
+                if tensor is None:
                     continue
-                factor = 2 ** downsample.pop()
-                tokens = math.ceil(latent_height / factor) * math.ceil(latent_width / factor)
-                k = round(self.settings.rate(level) * tokens)
-                self._indices[level] = (
-                    torch.rand(self.n_images, tokens, generator=self.generator)
-                    .argsort(dim=1)[:, :k]
-                    .sort(dim=1)
-                    .values
-                    if k > 0
-                    else None
-                )
+                tensor = tensor.to(device, non_blocking=True)
+            out.append(tensor.to(dtype))
+        self._prefetch_after(layer, device)
+        return out
 
-    def extra_tokens(self, layer: LayerInfo, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Tokens this layer's queries attend to beyond their own, or None for plain attention.
+    def _prefetch_after(self, layer: LayerInfo, device: torch.device) -> None:
+        """Start copying the next layer's host-side bank entries to the GPU (async)."""
+        if self.bank_settings.placement != "cpu" or device.type != "cuda":
+            return
+        if layer.index + 1 >= len(self.layers):
+            return
+        following = self.layers[layer.index + 1]
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        stream = self._copy_stream
+        for c in self.read_characters:
+            host = self.bank[c].get(self.step, {}).get(following.name)
+            if host is None:
+                continue
+            with torch.cuda.stream(stream):  # type: ignore[arg-type]
+                tensor = host.to(device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)  # type: ignore[arg-type]
+            self._prefetched[f"{c}/{following.name}"] = (tensor, event)
 
-        `hidden` is the layer input (batch, tokens, channels); the batch is `groups` (2 with CFG:
-        [uncond × n, cond × n]) times `n_images`. In the write phase this also fills the bank.
-        """
-        if self.phase == "off" or self.step < self.settings.warmup_steps:
+    # -- what the processor asks ----------------------------------------------------------------
+
+    def active(self) -> bool:
+        return self.phase != "off" and self.step >= self.settings.warmup_steps
+
+    def write_draw(self, layer: LayerInfo, hidden: torch.Tensor) -> _LevelDraw | None:
+        """In the write phase: bank this layer's samples; return the draw if CSA applies now."""
+        draw = self._draws.get(layer.level)
+        if draw is None:
             return None
         batch, tokens, channels = hidden.shape
-        if batch % self.n_images:
-            raise RuntimeError(f"batch {batch} is not a multiple of {self.n_images} images")
         groups = batch // self.n_images
-        apply = bool(self._apply[layer.index])
-
-        if self.phase == "write":
-            idx = self._indices.get(layer.level)
-            if idx is None:
-                return None
-            idx = idx.to(hidden.device)
-            x = hidden.view(groups, self.n_images, tokens, channels)
-            rows = torch.arange(self.n_images, device=hidden.device)[:, None]
-            samples = x[:, rows, idx]  # (groups, n, k, channels)
-            k = samples.shape[2]
-            steps = self.bank[self.character]  # type: ignore[index]
-            steps.setdefault(self.step, {})[layer.name] = samples.reshape(
-                groups, self.n_images * k, channels
-            )
-            if not apply or self.n_images == 1:
-                return None
-            assert self._others is not None
-            others = samples[:, self._others.to(hidden.device)]  # (groups, n, n-1, k, channels)
-            return others.reshape(batch, (self.n_images - 1) * k, channels)
-
-        if not apply or not self.read_characters:
+        x = hidden.view(groups, self.n_images * tokens, channels)
+        offsets = torch.arange(self.n_images)[:, None] * tokens
+        flat = (draw.samples + offsets).flatten().to(hidden.device)
+        self._store(layer, x[:, flat])
+        if not self._apply[layer.index] or self.n_images == 1:
             return None
-        banked = [
-            tensor
-            for c in self.read_characters
-            if (tensor := self.bank[c].get(self.step, {}).get(layer.name)) is not None
-        ]
+        return draw
+
+    def read_tokens(self, layer: LayerInfo, hidden: torch.Tensor) -> torch.Tensor | None:
+        """In the read phase: the banked tokens (per batch row) this layer attends to, or None."""
+        if not self._apply[layer.index] or not self.read_characters:
+            return None
+        if not self._banks_step(self.step) or layer.level not in self.bank_settings.levels:
+            return None
+        banked = self._banked(layer, hidden.device, hidden.dtype)
         if not banked:
             return None
-        extra = torch.cat(banked, dim=1).to(device=hidden.device, dtype=hidden.dtype)
+        extra = torch.cat(banked, dim=1)
+        groups = hidden.shape[0] // self.n_images
         if extra.shape[0] != groups:
             raise RuntimeError("read call and write call disagree on classifier-free guidance")
         return extra.repeat_interleave(self.n_images, dim=0)
 
+    def check_batch(self, hidden: torch.Tensor) -> None:
+        if hidden.shape[0] % self.n_images:
+            raise RuntimeError(f"batch {hidden.shape[0]} is not a multiple of {self.n_images}")
+
+
+def _attend(attn: Attention, query_in: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """Multi-head SDPA of `attn` with already projected keys/values; returns the output proj."""
+    batch = query_in.shape[0]
+    query = attn.to_q(query_in)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    return attn.to_out[1](attn.to_out[0](out))
+
 
 class ConsistentSelfAttnProcessor:
-    """Self-attention whose keys/values are the layer's own tokens plus `CSAState.extra_tokens`."""
+    """Self-attention whose keys/values also cover tokens of other images (see module doc)."""
 
     def __init__(self, state: CSAState, layer: LayerInfo) -> None:
         self.state = state
@@ -252,37 +395,67 @@ class ConsistentSelfAttnProcessor:
         *args: object,
         **kwargs: object,
     ) -> torch.Tensor:
-        unsupported = (
-            encoder_hidden_states is not None
-            or attention_mask is not None
-            or attn.spatial_norm is not None
-            or attn.group_norm is not None
-            or hidden_states.ndim != 3
+        state = self.state
+        supported = (
+            encoder_hidden_states is None
+            and attention_mask is None
+            and attn.spatial_norm is None
+            and attn.group_norm is None
+            and hidden_states.ndim == 3
         )
-        extra = None if unsupported else self.state.extra_tokens(self.layer, hidden_states)
-        if extra is None:
+        out = None
+        if supported and state.active():
+            state.check_batch(hidden_states)
+            if state.phase == "write":
+                draw = state.write_draw(self.layer, hidden_states)
+                if draw is not None:
+                    write = (
+                        self._write_reference
+                        if state.settings.impl == "reference"
+                        else (self._write_fast)
+                    )
+                    out = write(attn, hidden_states, draw)
+            else:
+                extra = state.read_tokens(self.layer, hidden_states)
+                if extra is not None:
+                    context = torch.cat([hidden_states, extra], dim=1)
+                    out = _attend(attn, hidden_states, attn.to_k(context), attn.to_v(context))
+        if out is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-        residual = hidden_states
-        batch = hidden_states.shape[0]
-        context = torch.cat([hidden_states, extra], dim=1)
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
-            out = out + residual
+            out = out + hidden_states
         return out / attn.rescale_output_factor
+
+    def _write_fast(self, attn: Attention, hidden: torch.Tensor, draw: _LevelDraw) -> torch.Tensor:
+        """All images in one SDPA call; keys/values projected once per token, then gathered."""
+        n = self.state.n_images
+        batch, tokens, _ = hidden.shape
+        groups = batch // n
+        key, value = attn.to_k(hidden), attn.to_v(hidden)
+        gather = draw.gather.to(hidden.device)  # (n, K)
+
+        def with_extra(own: torch.Tensor) -> torch.Tensor:
+            flat = own.view(groups, n * tokens, own.shape[-1])
+            extra = flat[:, gather].reshape(batch, gather.shape[1], own.shape[-1])
+            return torch.cat([own, extra], dim=1)
+
+        return _attend(attn, hidden, with_extra(key), with_extra(value))
+
+    def _write_reference(
+        self, attn: Attention, hidden: torch.Tensor, draw: _LevelDraw
+    ) -> torch.Tensor:
+        """The definition, one image at a time: own tokens + re-projected samples of others."""
+        n = self.state.n_images
+        batch, tokens, channels = hidden.shape
+        x = hidden.view(batch // n, n * tokens, channels)
+        outputs = []
+        for group in range(batch // n):
+            for i in range(n):
+                own = x[group, i * tokens : (i + 1) * tokens][None]
+                others = x[group, draw.gather[i].to(hidden.device)][None]
+                context = torch.cat([own, others], dim=1)
+                outputs.append(_attend(attn, own, attn.to_k(context), attn.to_v(context)))
+        return torch.cat(outputs, dim=0)
 
 
 @contextmanager
