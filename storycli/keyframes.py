@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .consistency import CSAState, csa_layers, installed_csa
-from .consistency.csa import BankSettings, CSASettings
+from .consistency.csa import BankSettings, CSASettings, windowed_unet
 from .plan import GenerationCall, Plan
 
 StepCallback = Callable[[int, int], None]  # (steps done in this call, total steps)
@@ -116,6 +116,7 @@ def generate_keyframes(
             frames = [plan.frames[i] for i in call.frames]
             if on_call is not None:
                 on_call(describe_call(call))
+            window: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if state is not None:
                 state.begin_call(
                     "off" if call.phase == "plain" else call.phase,
@@ -124,6 +125,10 @@ def generate_keyframes(
                     character=call.character,
                     read_characters=frames[0].characters if call.phase == "read" else (),
                 )
+            if state is not None and call.phase == "window":
+                c = story.consistency
+                window = windowed_unet(pipe.unet, state, len(frames), c.window, c.stride)
+                pipe.vae.enable_slicing()  # decode a long story one frame at a time
 
             def step_end(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
                 if on_step is not None:
@@ -131,20 +136,21 @@ def generate_keyframes(
                 return kwargs
 
             started = time.perf_counter()
-            images = pipe(
-                prompt=[f.prompt for f in frames],
-                # All-empty negatives → None, so SDXL uses zeroed negative embeddings as usual.
-                negative_prompt=[f.negative for f in frames]
-                if any(f.negative for f in frames)
-                else None,
-                width=size.width,
-                height=size.height,
-                num_inference_steps=story.steps,
-                guidance_scale=story.guidance,
-                generator=[torch.Generator("cpu").manual_seed(f.seed) for f in frames],
-                callback_on_step_end=step_end,
-                output_type="pil",
-            ).images
+            with window:
+                images = pipe(
+                    prompt=[f.prompt for f in frames],
+                    # All-empty negatives → None, so SDXL uses zeroed negative embeddings as usual.
+                    negative_prompt=[f.negative for f in frames]
+                    if any(f.negative for f in frames)
+                    else None,
+                    width=size.width,
+                    height=size.height,
+                    num_inference_steps=story.steps,
+                    guidance_scale=story.guidance,
+                    generator=[torch.Generator("cpu").manual_seed(f.seed) for f in frames],
+                    callback_on_step_end=step_end,
+                    output_type="pil",
+                ).images
             seconds = (time.perf_counter() - started) / len(frames)
             if state is not None:
                 state.end_call()

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from .config import Configs
 from .story import NO_CHARACTER_TAG, TAG_RE, Story, frame_tags
 
-Role = Literal["reference", "read", "plain"]
+Role = Literal["reference", "read", "plain", "window"]
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -97,7 +97,7 @@ class PlannedFrame:
 class GenerationCall:
     """One pipeline call: the frames it denoises together and the CSA phase it runs in."""
 
-    phase: Literal["write", "read", "plain"]
+    phase: Literal["write", "read", "plain", "window"]
     frames: tuple[int, ...]
     character: str | None  # the character whose bank a write call fills
     csa_seed: int  # seeds the call's CSA generator (token samples, skips)
@@ -183,6 +183,10 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         for name, indexes in single_character_frames(story).items()
         if indexes
     }
+    windowed = story.uses_consistency and story.consistency.mode == "window"
+    if windowed:
+        # Window mode: every frame with a character is denoised in one windowed call.
+        groups = {}
     references = groups if story.uses_consistency else {}
     grouped = {i for idx in groups.values() for i in idx}
     reference_of = {i: name for name, idx in references.items() for i in idx}
@@ -193,8 +197,10 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         prompt = expand_prompt(story, spec.prompt)
         if style is not None:
             prompt = style.apply(prompt)
-        if i in reference_of:
-            role: Role = "reference"
+        if windowed and characters:
+            role: Role = "window"
+        elif i in reference_of:
+            role = "reference"
         elif story.uses_consistency and characters:
             role = "read"
         else:
@@ -223,9 +229,12 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         )
         for name, idx in groups.items()
     ]
+    window = tuple(f.index for f in frames if f.role == "window")
+    if window:
+        calls.append(GenerationCall("window", window, None, derive_seed(story.seed, "window")))
     calls += [
         GenerationCall(f.role, (f.index,), None, derive_seed(story.seed, "frame", f.index))
         for f in frames
-        if f.index not in grouped
+        if f.index not in grouped and f.role != "window"
     ]
     return Plan(story, tuple(frames), references, tuple(calls))

@@ -115,6 +115,9 @@ class Consistency(_Strict):
     impl: Literal["fast", "reference"]
     sampling: Literal["uniform", "temporal"]
     bank: Bank
+    mode: Literal["reference", "window"]
+    window: int = Field(ge=2)
+    stride: int = Field(ge=1)
 
     @field_validator("blocks")
     @classmethod
@@ -494,7 +497,11 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
         if not stripped and not names:
             problems.append((("frames", i, "prompt"), "prompt is empty once tags are removed"))
 
-    if story.uses_consistency and not problems:
+    if story.consistency.stride > story.consistency.window:
+        problems.append(
+            (("consistency", "stride"), "must not exceed consistency.window (frames would skip)")
+        )
+    if story.uses_consistency and story.consistency.mode == "reference" and not problems:
         from .plan import single_character_frames
 
         singles = single_character_frames(story)

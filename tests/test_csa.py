@@ -365,3 +365,79 @@ def test_hundred_frame_story_runs(pipe, tmp_path):
         on_frame=lambda i, image, _s: seen.append(i) if image.size == (64, 64) else None,
     )
     assert sorted(seen) == list(range(100))
+
+
+# --- sliding-window mode ----------------------------------------------------------------------
+
+
+def test_window_starts_cover_every_frame():
+    from storycli.consistency.csa import window_starts
+
+    assert window_starts(3, 4, 2) == [0]
+    assert window_starts(8, 4, 2) == [0, 2, 4]
+    assert window_starts(9, 4, 2) == [0, 2, 4, 5]
+    assert window_starts(5, 2, 1) == [0, 1, 2, 3]
+
+
+def test_window_at_least_story_length_equals_joint_csa(pipe):
+    from storycli.consistency.csa import windowed_unet
+
+    unet = pipe.unet
+    n = 4
+    inputs = unet_inputs(2 * n, seed=6)
+    joint_state = CSAState(ALWAYS, csa_layers(unet))
+    with installed_csa(unet, joint_state):
+        joint = run_call(unet, joint_state, inputs, "write", n, seed=3, character="A")
+    state = CSAState(ALWAYS, csa_layers(unet))
+    with installed_csa(unet, state), windowed_unet(unet, state, frames=n, window=n + 2, stride=1):
+        windowed = run_call(unet, state, inputs, "window", n, seed=3)
+    assert torch.equal(windowed, joint)
+    assert state.bank == {}  # windows keep no bank
+    assert "forward" not in unet.__dict__  # the UNet's own forward is back
+
+
+def test_window_frames_only_see_their_windows(pipe):
+    from storycli.consistency.csa import windowed_unet
+
+    unet = pipe.unet
+    frames = 5
+    inputs = unet_inputs(2 * frames, seed=7)
+    state = CSAState(ALWAYS, csa_layers(unet))
+
+    def run(batch: dict) -> torch.Tensor:
+        with windowed_unet(unet, state, frames=frames, window=2, stride=1):
+            return run_call(unet, state, batch, "window", frames, seed=3)
+
+    with installed_csa(unet, state):
+        base = run(inputs)
+        moved = run(perturb(inputs, frames + 0))  # cond frame 0 (windows [0,1])
+    diff = (moved - base).abs().flatten(1).amax(1)
+    assert diff[frames + 1] > 1e-4  # shares window [0, 1]
+    assert torch.all(diff[frames + 2 :] == 0)  # never in a window with frame 0
+    assert torch.all(diff[:frames] == 0)  # other CFG half
+
+
+def test_window_mode_story_runs_and_plans_one_windowed_call(pipe, tmp_path):
+    frames = "\n".join(f'  - "walks through scene {i}"' for i in range(6))
+    path = tmp_path / "win.yaml"
+    path.write_text(
+        "identity: a fox\nsteps: 2\nwidth: 64\nheight: 64\nscheduler: euler\n"
+        "consistency: {mode: window, window: 3, stride: 2, id_length: 9, warmup_steps: 0}\n"
+        f'frames:\n{frames}\n  - "[NC] an empty field"\n'
+    )
+    plan = build_plan(load_story(path))  # id_length does not apply in window mode
+    assert [(c.phase, c.frames) for c in plan.calls] == [
+        ("window", tuple(range(6))),
+        ("plain", (6,)),
+    ]
+    assert plan.references == {}
+    set_scheduler(pipe, "euler")
+    seen: dict[int, np.ndarray] = {}
+    generate_keyframes(
+        pipe,
+        plan,
+        range(7),
+        render_size(plan, None),
+        on_frame=lambda i, image, _s: seen.__setitem__(i, np.asarray(image)),
+    )
+    assert sorted(seen) == list(range(7))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-Phase = Literal["off", "write", "read"]
+Phase = Literal["off", "write", "read", "window"]
 Level = Literal["sa32", "sa64"]
 
 
@@ -170,6 +170,7 @@ class CSAState:
         self.bank: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         self._draws: dict[Level, _LevelDraw] = {}
         self._apply: list[bool] = [False] * len(self.layers)
+        self._latent_size = (0, 0)
         self._prefetched: dict[str, tuple[torch.Tensor, object]] = {}
         self._copy_stream: object | None = None
 
@@ -222,6 +223,7 @@ class CSAState:
         """Advance the step counter and make this step's random draws."""
         self.step += 1
         self._prefetched = {}
+        self._latent_size = (latent_height, latent_width)
         if self.phase == "off":
             return
         p = self.settings.apply_probability(self.step)
@@ -230,15 +232,27 @@ class CSAState:
         else:
             self._apply = (torch.rand(len(self.layers), generator=self.generator) < p).tolist()
         self._draws = {}
-        if self.phase == "write" and self.step >= self.settings.warmup_steps:
-            for level in ("sa32", "sa64"):
-                downsample = {layer.downsample for layer in self.layers if layer.level == level}
-                if downsample:
-                    factor = 2 ** downsample.pop()
-                    tokens = math.ceil(latent_height / factor) * math.ceil(latent_width / factor)
-                    draw = self._draw(level, tokens)
-                    if draw is not None:
-                        self._draws[level] = draw
+        if self.phase == "write":
+            self._draw_levels()
+
+    def begin_window(self, n_images: int) -> None:
+        """Window mode: the next UNet forward is one window of `n_images` frames; draw for it."""
+        self.n_images = n_images
+        self._draws = {}
+        self._draw_levels()
+
+    def _draw_levels(self) -> None:
+        if self.step < self.settings.warmup_steps:
+            return
+        height, width = self._latent_size
+        for level in ("sa32", "sa64"):
+            downsample = {layer.downsample for layer in self.layers if layer.level == level}
+            if downsample:
+                factor = 2 ** downsample.pop()
+                tokens = math.ceil(height / factor) * math.ceil(width / factor)
+                draw = self._draw(level, tokens)
+                if draw is not None:
+                    self._draws[level] = draw
 
     def _draw(self, level: Level, tokens: int) -> _LevelDraw | None:
         n = self.n_images
@@ -326,7 +340,8 @@ class CSAState:
         return self.phase != "off" and self.step >= self.settings.warmup_steps
 
     def write_draw(self, layer: LayerInfo, hidden: torch.Tensor) -> _LevelDraw | None:
-        """In the write phase: bank this layer's samples; return the draw if CSA applies now."""
+        """Write phase: bank this layer's samples; write and window phases: return the draw if
+        CSA applies now."""
         draw = self._draws.get(layer.level)
         if draw is None:
             return None
@@ -335,7 +350,8 @@ class CSAState:
         x = hidden.view(groups, self.n_images * tokens, channels)
         offsets = torch.arange(self.n_images)[:, None] * tokens
         flat = (draw.samples + offsets).flatten().to(hidden.device)
-        self._store(layer, x[:, flat])
+        if self.phase == "write":
+            self._store(layer, x[:, flat])
         if not self._apply[layer.index] or self.n_images == 1:
             return None
         return draw
@@ -406,7 +422,7 @@ class ConsistentSelfAttnProcessor:
         out = None
         if supported and state.active():
             state.check_batch(hidden_states)
-            if state.phase == "write":
+            if state.phase in ("write", "window"):
                 draw = state.write_draw(self.layer, hidden_states)
                 if draw is not None:
                     write = (
@@ -480,3 +496,72 @@ def installed_csa(unet: torch.nn.Module, state: CSAState) -> Iterator[CSAState]:
         handle.remove()
         unet.set_attn_processor(saved)
         state.clear()
+
+
+def window_starts(frames: int, window: int, stride: int) -> list[int]:
+    """First frame of each window: every `stride` frames, the last window ending on the last
+    frame. One window when the story is not longer than `window`."""
+    if frames <= window:
+        return [0]
+    starts = list(range(0, frames - window + 1, stride))
+    if starts[-1] + window < frames:
+        starts.append(frames - window)
+    return starts
+
+
+@contextmanager
+def windowed_unet(
+    unet: torch.nn.Module, state: CSAState, frames: int, window: int, stride: int
+) -> Iterator[None]:
+    """Sliding-window CSA (the paper's Algorithm 1, at the level of the UNet call).
+
+    While active, a UNet call on all `frames` frames (times CFG groups) runs as one forward per
+    window of `window` consecutive frames, each frame attending to samples from its window; a
+    frame's noise prediction is the mean over the windows that cover it. Activations exist for
+    one window at a time, so peak memory does not grow with the story's length.
+    """
+    original = unet.forward
+    starts = window_starts(frames, window, stride)
+    size = min(window, frames)
+
+    def forward(sample: torch.Tensor, timestep: torch.Tensor, *args: object, **kwargs: object):
+        batch = sample.shape[0]
+        groups = batch // frames
+
+        def take(value: object, rows: torch.Tensor) -> object:
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+                return value[rows]
+            if isinstance(value, dict):
+                return {k: take(v, rows) for k, v in value.items()}
+            return value
+
+        total = torch.zeros_like(sample)
+        covered = torch.zeros(frames, dtype=sample.dtype, device=sample.device)
+        return_dict = kwargs.pop("return_dict", True)
+        for start in starts:
+            rows = torch.tensor(
+                [g * frames + start + j for g in range(groups) for j in range(size)],
+                device=sample.device,
+            )
+            state.begin_window(size)
+            out = original(
+                sample[rows],
+                take(timestep, rows),
+                *[take(a, rows) for a in args],
+                return_dict=False,
+                **{k: take(v, rows) for k, v in kwargs.items()},
+            )[0]
+            total[rows] += out
+            covered[start : start + size] += 1
+        result = total / covered.repeat(groups).view(-1, *([1] * (sample.ndim - 1)))
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=result)
+        return (result,)
+
+    unet.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del unet.forward  # back to the class's method
