@@ -74,10 +74,14 @@ def csa_settings(plan: Plan) -> CSASettings:
     )
 
 
-def bank_settings(plan: Plan) -> BankSettings:
+def bank_settings(plan: Plan, device: torch.device) -> BankSettings:
     bank = plan.story.consistency.bank
+    placement = bank.placement
+    if placement == "auto":
+        # On a GPU the bank (steps × layers × references) would outgrow the UNet itself.
+        placement = "cpu" if device.type == "cuda" else "device"
     return BankSettings(
-        placement=bank.placement,
+        placement=placement,
         dtype=None if bank.dtype == "auto" else getattr(torch, bank.dtype),
         levels=tuple(bank.levels),
         max_step=bank.max_step,
@@ -107,7 +111,7 @@ def generate_keyframes(
         state = CSAState(
             csa_settings(plan),
             csa_layers(pipe.unet, story.consistency.blocks),
-            bank_settings(plan),
+            bank_settings(plan, getattr(pipe, "_execution_device", pipe.device)),
         )
         guard = installed_csa(pipe.unet, state)
 

@@ -94,7 +94,7 @@ Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 class Bank(_Strict):
     """Where the reference bank lives and what it holds (see README, "Performance")."""
 
-    placement: Literal["device", "cpu"]
+    placement: Literal["auto", "device", "cpu"]
     dtype: Literal["auto", "float32", "float16", "bfloat16"]
     levels: list[Literal["sa32", "sa64"]] = Field(min_length=1)
     max_step: int | None = Field(ge=1)

@@ -198,6 +198,11 @@ class CSAState:
             self.bank[character] = {}  # type: ignore[index]
 
     def end_call(self) -> None:
+        cpu_bank = self.phase == "write" and self.bank_settings.placement == "cpu"
+        if cpu_bank and torch.cuda.is_available() and torch.cuda.is_initialized():
+            # Device→host copies into pinned memory were asynchronous; finish them before a
+            # read call's side stream copies them back.
+            torch.cuda.synchronize()
         self.phase, self._draws, self._prefetched = "off", {}, {}
 
     def clear(self) -> None:
@@ -292,8 +297,6 @@ class CSAState:
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             host.copy_(tensor, non_blocking=True)
             tensor = host
-        elif tensor is samples:
-            tensor = tensor.clone()
         steps = self.bank[self.character]  # type: ignore[index]
         steps.setdefault(self.step, {})[layer.name] = tensor
 
@@ -304,14 +307,17 @@ class CSAState:
             key = f"{c}/{layer.name}"
             if key in self._prefetched:
                 tensor, event = self._prefetched.pop(key)
-                torch.cuda.current_stream(device).wait_event(event)  # type: ignore[arg-type]
+                stream = torch.cuda.current_stream(device)
+                stream.wait_event(event)  # type: ignore[arg-type]
+                # Made on the side stream, used on this one: keep the allocator from reusing it
+                # before this stream's kernels are done with it.
+                tensor.record_stream(stream)
             else:
                 tensor = self.bank[c].get(self.step, {}).get(layer.name)
                 if tensor is None:
                     continue
                 tensor = tensor.to(device, non_blocking=True)
             out.append(tensor.to(dtype))
-        self._prefetch_after(layer, device)
         return out
 
     def _prefetch_after(self, layer: LayerInfo, device: torch.device) -> None:
@@ -358,7 +364,11 @@ class CSAState:
 
     def read_tokens(self, layer: LayerInfo, hidden: torch.Tensor) -> torch.Tensor | None:
         """In the read phase: the banked tokens (per batch row) this layer attends to, or None."""
-        if not self._apply[layer.index] or not self.read_characters:
+        if not self.read_characters:
+            return None
+        # Keep the host→GPU copies one layer ahead even when this layer skips CSA.
+        self._prefetch_after(layer, hidden.device)
+        if not self._apply[layer.index]:
             return None
         if not self._banks_step(self.step) or layer.level not in self.bank_settings.levels:
             return None
