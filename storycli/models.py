@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from .config import SCHEDULERS, Configs
-from .story import is_model_path, resolve_model_path
+from .story import local_model_path
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,8 @@ def load_pipeline(
             from .tiny import build_tiny_sdxl_pipeline
 
             pipe = build_tiny_sdxl_pipeline(torch_dtype)
-        elif preset is None and (
-            is_model_path(model) or resolve_model_path(model, base_dir or Path.cwd()).exists()
-        ):
-            path = resolve_model_path(model, base_dir or Path.cwd()).resolve()
+        elif preset is None and (local := local_model_path(model, base_dir or Path.cwd())):
+            path = local.resolve()
             source = str(path)
             if path.is_file():
                 pipe = StableDiffusionXLPipeline.from_single_file(str(path), dtype=torch_dtype)

@@ -412,12 +412,18 @@ def resolve_model_path(model: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else (base_dir / path)
 
 
+def local_model_path(model: str, base_dir: Path) -> Path | None:
+    """The file or folder a `model` value names, or None when it is a preset or hub id."""
+    path = resolve_model_path(model, base_dir)
+    return path if is_model_path(model) or path.exists() else None
+
+
 def check_model(model: str, configs: Configs, base_dir: Path) -> str | None:
     """Return a problem with a `model` value, or None. Hub ids are not checked here."""
     if model in configs.presets:
         return None
-    if is_model_path(model) or resolve_model_path(model, base_dir).exists():
-        path = resolve_model_path(model, base_dir)
+    path = local_model_path(model, base_dir)
+    if path is not None:
         if not path.exists():
             return (
                 f"model file or folder '{model}' does not exist (looked at {path}); "

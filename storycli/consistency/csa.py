@@ -144,7 +144,7 @@ class _LevelDraw:
     """One step's token draws on one resolution level (write phase)."""
 
     tokens: int  # N, tokens per image on this level
-    samples: torch.Tensor  # (n, k) each image's sampled token indices: what the bank stores
+    banked: torch.Tensor  # (n·k,) every image's sampled tokens, flat into n·N: what is banked
     gather: torch.Tensor  # (n, K) flat indices into the call's n·N tokens: image i's extra tokens
 
 
@@ -284,7 +284,7 @@ class CSAState:
                 ]
                 rows.append(torch.cat(parts).sort().values if parts else flat.new_zeros(0))
             gather = torch.stack(rows)
-        return _LevelDraw(tokens, samples, gather)
+        return _LevelDraw(tokens, flat.flatten(), gather)
 
     # -- bank storage ---------------------------------------------------------------------------
 
@@ -354,10 +354,8 @@ class CSAState:
         batch, tokens, channels = hidden.shape
         groups = batch // self.n_images
         x = hidden.view(groups, self.n_images * tokens, channels)
-        offsets = torch.arange(self.n_images)[:, None] * tokens
-        flat = (draw.samples + offsets).flatten().to(hidden.device)
         if self.phase == "write":
-            self._store(layer, x[:, flat])
+            self._store(layer, x[:, draw.banked.to(hidden.device)])
         if not self._apply[layer.index] or self.n_images == 1:
             return None
         return draw
