@@ -178,6 +178,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     "  storydiff generate stories/two_friends.yaml --model tiny --out /tmp/out\n\n"
     "  storydiff generate stories/lighthouse.yaml --dry-run\n\n"
     "  storydiff generate stories/lighthouse.yaml --seed 7 --overwrite --json\n\n"
+    "  storydiff generate stories/lighthouse.yaml --compile\n\n"
     "  storydiff generate story.yaml --model ./models/my-sdxl.safetensors --dtype float16"
 )
 def generate(
@@ -219,6 +220,15 @@ def generate(
     vae_tiling: Annotated[
         bool, typer.Option(help="Decode large frames in tiles.", rich_help_panel="Hardware")
     ] = False,
+    compile_unet: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the UNet: the first steps of each new batch shape compile "
+            "(minutes), later steps run faster. Worth it for long stories on a GPU.",
+            rich_help_panel="Hardware",
+        ),
+    ] = False,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -253,6 +263,7 @@ def generate(
         vae_slicing=vae_slicing,
         vae_tiling=vae_tiling,
         overwrite=overwrite,
+        compile=compile_unet,
     )
     configs = Configs()
     try:

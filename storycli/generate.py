@@ -24,6 +24,7 @@ class GenerateOptions:
     vae_slicing: bool = False
     vae_tiling: bool = False
     overwrite: bool = False
+    compile: bool = False  # torch.compile the UNet (slow first steps, faster after)
 
 
 @dataclass
@@ -156,6 +157,7 @@ def generate_story(
             on_frame=on_frame,
             on_step=hooks.on_step,
             on_call=hooks.on_call,
+            compile_backend="inductor" if options.compile else None,
         )
     memory, memory_kind = peak_memory(loaded.device)
     result.generated = sorted(run.generated)
@@ -172,6 +174,7 @@ def generate_story(
             "seconds": round(result.seconds, 3),
             "peak_memory_bytes": memory,
             "peak_memory_kind": memory_kind,
+            "compiled": options.compile,
         },
     )
     return result

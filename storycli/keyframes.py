@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .consistency import CSAState, csa_layers, installed_csa
-from .consistency.csa import BankSettings, CSASettings, windowed_unet
+from .consistency.csa import BankSettings, CSASettings, compiled_unet, windowed_unet
 from .plan import GenerationCall, Plan
 
 StepCallback = Callable[[int, int], None]  # (steps done in this call, total steps)
@@ -96,11 +96,13 @@ def generate_keyframes(
     on_frame: FrameCallback,
     on_step: StepCallback | None = None,
     on_call: Callable[[str], None] | None = None,
+    compile_backend: str | None = None,
 ) -> None:
     """Generate the frames in `todo`, calling `on_frame` as each one is ready.
 
     Frames outside `todo` are generated only when a needed frame depends on them (references),
-    and are then not reported.
+    and are then not reported. `compile_backend` (e.g. "inductor") runs the UNet through
+    `torch.compile`.
     """
     todo = set(todo)
     calls = calls_needed(plan, todo)
@@ -112,10 +114,14 @@ def generate_keyframes(
             csa_settings(plan),
             csa_layers(pipe.unet, story.consistency.blocks),
             bank_settings(plan, getattr(pipe, "_execution_device", pipe.device)),
+            compiled=compile_backend is not None,
         )
         guard = installed_csa(pipe.unet, state)
+    compiling: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if compile_backend is not None:
+        compiling = compiled_unet(pipe.unet, compile_backend)
 
-    with guard, torch.inference_mode():
+    with guard, compiling, torch.inference_mode():
         for call in calls:
             frames = [plan.frames[i] for i in call.frames]
             if on_call is not None:

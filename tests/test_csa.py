@@ -218,7 +218,9 @@ consistency: {id_length: 2, warmup_steps: 1, prob_early: 1.0, prob_late: 1.0}
 """
 
 
-def render(pipe, tmp_path, consistency: dict) -> dict[int, np.ndarray]:
+def render(
+    pipe, tmp_path, consistency: dict, compile_backend: str | None = None
+) -> dict[int, np.ndarray]:
     path = tmp_path / "story.yaml"
     path.write_text(STORY)
     story = load_story(path, overrides={"consistency": {"id_length": 2, **consistency}})
@@ -231,6 +233,7 @@ def render(pipe, tmp_path, consistency: dict) -> dict[int, np.ndarray]:
         range(len(plan.frames)),
         render_size(plan, None),
         on_frame=lambda i, image, _s: frames.__setitem__(i, np.asarray(image)),
+        compile_backend=compile_backend,
     )
     return frames
 
@@ -246,6 +249,24 @@ def test_pipeline_zero_rates_are_pixel_identical_to_no_consistency(pipe, tmp_pat
     assert 5 not in changed
     assert set(changed) >= {0, 1, 4}
     assert np.array_equal(none[5], csa[5])
+
+
+def test_compiled_unet_has_no_graph_breaks_nor_per_step_recompiles(pipe, tmp_path):
+    """`--compile`: the whole UNet forward is one graph (fullgraph=True raises on a break), the
+    per-layer skip flags change every step without recompiling, and pixels match eager."""
+    from torch._dynamo.utils import counters
+
+    consistency = {"prob_early": 0.5, "prob_late": 0.5}  # many skipped and applied layers
+    eager = render(pipe, tmp_path, consistency)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = render(pipe, tmp_path, consistency, compile_backend="eager")
+    assert all(np.array_equal(eager[i], compiled[i]) for i in eager)
+    assert "forward" not in vars(pipe.unet)  # the compiled forward is removed afterwards
+    # 6 frames × 4 steps = 20+ UNet calls; graphs only per call kind (write/read, warm-up,
+    # batch size, number of banks read), never per step.
+    assert counters["stats"]["unique_graphs"] <= 6
+    assert not counters["graph_break"]
 
 
 # --- fast path, sampling strategies, bank options -------------------------------------------

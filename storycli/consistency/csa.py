@@ -15,7 +15,11 @@ hidden assumptions removed:
 
 All mutable state lives in `CSAState`; every random draw comes from its `torch.Generator`, reseeded
 per pipeline call. Draws happen once per UNet call in a forward pre-hook (one index set per
-resolution level and one skip flag per layer), not inside the processors.
+resolution level and one skip flag per layer), not inside the processors, and the bank is
+filed in a forward hook. So `torch.compile` of the UNet's `forward` sees only tensors and a few
+per-call constants: with `compiled=True` the skip flags become a tensor (a skipped layer masks
+its extra keys out instead of branching in Python) and a read step's bank is staged on the
+device before the forward, so the graph neither breaks nor recompiles from step to step.
 """
 
 from __future__ import annotations
@@ -156,8 +160,10 @@ class CSAState:
         settings: CSASettings,
         layers: Sequence[LayerInfo],
         bank: BankSettings | None = None,
+        compiled: bool = False,
     ) -> None:
         self.settings = settings
+        self.compiled = compiled
         self.bank_settings = bank or BankSettings()
         self.layers = tuple(layers)
         self.generator = torch.Generator(device="cpu")
@@ -170,6 +176,13 @@ class CSAState:
         self.bank: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         self._draws: dict[Level, _LevelDraw] = {}
         self._apply: list[bool] = [False] * len(self.layers)
+        self._by_name = {layer.name: layer for layer in self.layers}
+        # Per UNet call, decided in the pre-hook so processors read no step counter.
+        self.csa_now = False  # CSA applies in this call (phase on, past warm-up)
+        self.store_now = False  # this write call's samples go to the bank
+        self.apply_flags: torch.Tensor | None = None  # compiled: the skip flags as a tensor
+        self._written: dict[str, torch.Tensor] = {}  # samples to bank after the forward
+        self._staged: dict[str, torch.Tensor] = {}  # compiled read: this step's bank, on device
         self._latent_size = (0, 0)
         self._prefetched: dict[str, tuple[torch.Tensor, object]] = {}
         self._copy_stream: object | None = None
@@ -203,7 +216,8 @@ class CSAState:
             # Device→host copies into pinned memory were asynchronous; finish them before a
             # read call's side stream copies them back.
             torch.cuda.synchronize()
-        self.phase, self._draws, self._prefetched = "off", {}, {}
+        self.phase, self._draws, self._prefetched, self._staged = "off", {}, {}, {}
+        self.csa_now = self.store_now = False
 
     def clear(self) -> None:
         """Free the bank (call when the story is done)."""
@@ -224,11 +238,15 @@ class CSAState:
         limit = self.bank_settings.max_step
         return step >= self.settings.warmup_steps and (limit is None or step < limit)
 
-    def begin_step(self, latent_height: int, latent_width: int) -> None:
+    def begin_step(
+        self, latent_height: int, latent_width: int, device: torch.device | None = None
+    ) -> None:
         """Advance the step counter and make this step's random draws."""
         self.step += 1
-        self._prefetched = {}
+        self._prefetched, self._staged, self._written = {}, {}, {}
         self._latent_size = (latent_height, latent_width)
+        self.csa_now = self.phase != "off" and self.step >= self.settings.warmup_steps
+        self.store_now = self.phase == "write" and self._banks_step(self.step)
         if self.phase == "off":
             return
         p = self.settings.apply_probability(self.step)
@@ -236,9 +254,19 @@ class CSAState:
             self._apply = [False] * len(self.layers)
         else:
             self._apply = (torch.rand(len(self.layers), generator=self.generator) < p).tolist()
+        if self.compiled:
+            self.apply_flags = torch.tensor(self._apply, device=device)
         self._draws = {}
         if self.phase == "write":
             self._draw_levels()
+        if self.compiled and self.phase == "read" and device is not None:
+            self._stage(device)
+
+    def end_step(self) -> None:
+        """After the UNet forward: file this step's write-phase samples in the bank."""
+        for name, samples in self._written.items():
+            self._store(self._by_name[name], samples)
+        self._written = {}
 
     def begin_window(self, n_images: int) -> None:
         """Window mode: the next UNet forward is one window of `n_images` frames; draw for it."""
@@ -290,8 +318,6 @@ class CSAState:
 
     def _store(self, layer: LayerInfo, samples: torch.Tensor) -> None:
         settings = self.bank_settings
-        if layer.level not in settings.levels or not self._banks_step(self.step):
-            return
         tensor = samples.to(dtype=settings.dtype or samples.dtype)
         if settings.placement == "cpu" and tensor.device.type != "cpu":
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
@@ -300,7 +326,18 @@ class CSAState:
         steps = self.bank[self.character]  # type: ignore[index]
         steps.setdefault(self.step, {})[layer.name] = tensor
 
-    def _banked(self, layer: LayerInfo, device: torch.device, dtype: torch.dtype) -> list:
+    def _reads_layer(self, layer: LayerInfo) -> bool:
+        return self._banks_step(self.step) and layer.level in self.bank_settings.levels
+
+    def _stage(self, device: torch.device) -> None:
+        """Compiled read step: put this step's bank for every read layer on the device now."""
+        for layer in self.layers:
+            if self._reads_layer(layer):
+                banked = self._banked(layer, device)
+                if banked:
+                    self._staged[layer.name] = torch.cat(banked, dim=1)
+
+    def _banked(self, layer: LayerInfo, device: torch.device) -> list[torch.Tensor]:
         """The bank entries a read frame attends to in `layer`, on `device`."""
         out = []
         for c in self.read_characters:
@@ -317,7 +354,7 @@ class CSAState:
                 if tensor is None:
                     continue
                 tensor = tensor.to(device, non_blocking=True)
-            out.append(tensor.to(dtype))
+            out.append(tensor)
         return out
 
     def _prefetch_after(self, layer: LayerInfo, device: torch.device) -> None:
@@ -342,9 +379,6 @@ class CSAState:
 
     # -- what the processor asks ----------------------------------------------------------------
 
-    def active(self) -> bool:
-        return self.phase != "off" and self.step >= self.settings.warmup_steps
-
     def write_draw(self, layer: LayerInfo, hidden: torch.Tensor) -> _LevelDraw | None:
         """Write phase: bank this layer's samples; write and window phases: return the draw if
         CSA applies now."""
@@ -354,9 +388,9 @@ class CSAState:
         batch, tokens, channels = hidden.shape
         groups = batch // self.n_images
         x = hidden.view(groups, self.n_images * tokens, channels)
-        if self.phase == "write":
-            self._store(layer, x[:, draw.banked.to(hidden.device)])
-        if not self._apply[layer.index] or self.n_images == 1:
+        if self.store_now and layer.level in self.bank_settings.levels:
+            self._written[layer.name] = x[:, draw.banked.to(hidden.device)]
+        if self.n_images == 1 or not (self.compiled or self._apply[layer.index]):
             return None
         return draw
 
@@ -364,16 +398,20 @@ class CSAState:
         """In the read phase: the banked tokens (per batch row) this layer attends to, or None."""
         if not self.read_characters:
             return None
-        # Keep the host→GPU copies one layer ahead even when this layer skips CSA.
-        self._prefetch_after(layer, hidden.device)
-        if not self._apply[layer.index]:
-            return None
-        if not self._banks_step(self.step) or layer.level not in self.bank_settings.levels:
-            return None
-        banked = self._banked(layer, hidden.device, hidden.dtype)
-        if not banked:
-            return None
-        extra = torch.cat(banked, dim=1)
+        if self.compiled:
+            extra = self._staged.get(layer.name)
+            if extra is None:
+                return None
+        else:
+            # Keep the host→GPU copies one layer ahead even when this layer skips CSA.
+            self._prefetch_after(layer, hidden.device)
+            if not self._apply[layer.index] or not self._reads_layer(layer):
+                return None
+            banked = self._banked(layer, hidden.device)
+            if not banked:
+                return None
+            extra = torch.cat(banked, dim=1)
+        extra = extra.to(hidden.dtype)
         groups = hidden.shape[0] // self.n_images
         if extra.shape[0] != groups:
             raise RuntimeError("read call and write call disagree on classifier-free guidance")
@@ -383,8 +421,24 @@ class CSAState:
         if hidden.shape[0] % self.n_images:
             raise RuntimeError(f"batch {hidden.shape[0]} is not a multiple of {self.n_images}")
 
+    def skip_bias(self, layer: LayerInfo, own: int, extra: int, like: torch.Tensor):
+        """Compiled mode: an additive key bias that hides the `extra` keys when this layer skips
+        CSA this step (plain attention, exactly), so skipping needs no Python branch."""
+        if not self.compiled or self.apply_flags is None:
+            return None
+        keep = self.apply_flags[layer.index].to(like.device)
+        hidden_extra = torch.where(keep, 0.0, float("-inf")).to(like.dtype).expand(extra)
+        bias = torch.cat([like.new_zeros(own), hidden_extra])
+        return bias.view(1, 1, 1, own + extra)
 
-def _attend(attn: Attention, query_in: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+
+def _attend(
+    attn: Attention,
+    query_in: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor | None = None,
+):
     """Multi-head SDPA of `attn` with already projected keys/values; returns the output proj."""
     batch = query_in.shape[0]
     query = attn.to_q(query_in)
@@ -396,7 +450,7 @@ def _attend(attn: Attention, query_in: torch.Tensor, key: torch.Tensor, value: t
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0)
     out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
     return attn.to_out[1](attn.to_out[0](out))
 
@@ -428,7 +482,7 @@ class ConsistentSelfAttnProcessor:
             and hidden_states.ndim == 3
         )
         out = None
-        if supported and state.active():
+        if supported and state.csa_now:
             state.check_batch(hidden_states)
             if state.phase in ("write", "window"):
                 draw = state.write_draw(self.layer, hidden_states)
@@ -443,7 +497,11 @@ class ConsistentSelfAttnProcessor:
                 extra = state.read_tokens(self.layer, hidden_states)
                 if extra is not None:
                     context = torch.cat([hidden_states, extra], dim=1)
-                    out = _attend(attn, hidden_states, attn.to_k(context), attn.to_v(context))
+                    bias = state.skip_bias(
+                        self.layer, hidden_states.shape[1], extra.shape[1], hidden_states
+                    )
+                    key, value = attn.to_k(context), attn.to_v(context)
+                    out = _attend(attn, hidden_states, key, value, bias)
         if out is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if attn.residual_connection:
@@ -463,7 +521,8 @@ class ConsistentSelfAttnProcessor:
             extra = flat[:, gather].reshape(batch, gather.shape[1], own.shape[-1])
             return torch.cat([own, extra], dim=1)
 
-        return _attend(attn, hidden, with_extra(key), with_extra(value))
+        bias = self.state.skip_bias(self.layer, tokens, gather.shape[1], hidden)
+        return _attend(attn, hidden, with_extra(key), with_extra(value), bias)
 
     def _write_reference(
         self, attn: Attention, hidden: torch.Tensor, draw: _LevelDraw
@@ -478,7 +537,9 @@ class ConsistentSelfAttnProcessor:
                 own = x[group, i * tokens : (i + 1) * tokens][None]
                 others = x[group, draw.gather[i].to(hidden.device)][None]
                 context = torch.cat([own, others], dim=1)
-                outputs.append(_attend(attn, own, attn.to_k(context), attn.to_v(context)))
+                bias = self.state.skip_bias(self.layer, tokens, others.shape[1], hidden)
+                key, value = attn.to_k(context), attn.to_v(context)
+                outputs.append(_attend(attn, own, key, value, bias))
         return torch.cat(outputs, dim=0)
 
 
@@ -494,14 +555,21 @@ def installed_csa(unet: torch.nn.Module, state: CSAState) -> Iterator[CSAState]:
 
     def pre_hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
-        state.begin_step(sample.shape[-2], sample.shape[-1])
+        state.begin_step(sample.shape[-2], sample.shape[-1], sample.device)
+
+    def post_hook(_module: torch.nn.Module, _args: tuple, _output: object) -> None:
+        state.end_step()
 
     unet.set_attn_processor(processors)
-    handle = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handles = [
+        unet.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        unet.register_forward_hook(post_hook),
+    ]
     try:
         yield state
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         unet.set_attn_processor(saved)
         state.clear()
 
@@ -529,6 +597,7 @@ def windowed_unet(
     one window at a time, so peak memory does not grow with the story's length.
     """
     original = unet.forward
+    patched = "forward" in vars(unet)  # e.g. compiled: restore that, not the class's method
     starts = window_starts(frames, window, stride)
     size = min(window, frames)
 
@@ -572,4 +641,19 @@ def windowed_unet(
     try:
         yield
     finally:
-        del unet.forward  # back to the class's method
+        if patched:
+            unet.forward = original  # type: ignore[method-assign]
+        else:
+            del unet.forward  # back to the class's method
+
+
+@contextmanager
+def compiled_unet(unet: torch.nn.Module, backend: str = "inductor") -> Iterator[None]:
+    """`torch.compile` the UNet's forward (not its hooks: CSA draws there, outside the graph).
+
+    `fullgraph=True`: a graph break is a bug here, not a slowdown to tolerate."""
+    unet.forward = torch.compile(unet.forward, backend=backend, fullgraph=True)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del unet.forward

@@ -1,0 +1,1 @@
+"""Stage two: the Semantic Motion Predictor and transition videos between keyframes."""

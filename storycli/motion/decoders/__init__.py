@@ -1,0 +1,1 @@
+"""Transition decoders: keyframe pair (+ per-frame embeddings) -> frames."""

@@ -1,0 +1,37 @@
+"""The small interface every transition decoder implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from ..encoder import ImageEncoder
+
+
+@dataclass(frozen=True)
+class TransitionRequest:
+    """One transition between two consecutive keyframes."""
+
+    start: Image.Image  # RGB, the size of the output video
+    end: Image.Image  # RGB, same size as `start`
+    frames: int  # L, including both keyframes (frame 0 ≈ start, frame L-1 ≈ end)
+    # (L, D) per-frame CLIP image embeddings P_1..P_L (predicted, or the lerp baseline); None
+    # for decoders whose `uses_embeddings` is False.
+    embeddings: torch.Tensor | None = None
+    start_prompt: str | None = None  # the keyframes' prompts when known (generate manifest)
+    end_prompt: str | None = None
+    seed: int = 0
+
+
+class TransitionDecoder(Protocol):
+    name: str
+    # The encoder whose embedding space `embeddings` must be in (the decoder's own image
+    # encoder, e.g. IP-Adapter's); None for decoders that do not use embeddings.
+    image_encoder: ImageEncoder | None
+
+    def transition(self, request: TransitionRequest) -> list[Image.Image]:
+        """Exactly `request.frames` RGB images of the start image's size."""
+        ...
