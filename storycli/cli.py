@@ -317,3 +317,7 @@ def generate(
 
 def main() -> None:
     app()
+
+
+# Stage-two commands live in their own module; importing it registers them on `app`.
+from . import cli_motion  # noqa: E402, F401

@@ -4,7 +4,13 @@ Input: the start and end embeddings K_s, K_e. The L tokens K_i = lerp(K_s, K_e, 
 (i−1)/(L−1), plus a sinusoidal τ embedding, go with two anchor tokens (K_s, K_e) through a stack
 of pre-LN transformer blocks. Output: P_i = K_i + 4τ_i(1−τ_i)·σ·Δ_i, with Δ from a zero-initialised
 head. So an untrained predictor is exactly the linear baseline and the endpoints are always
-exact; σ (the data's RMS embedding norm) keeps the network working on unit-scale inputs.
+exact; σ (the data's RMS embedding norm) sets the output scale.
+
+Inputs are centred and scaled by statistics of the training data (`input_center`,
+`input_scale`: buffers saved with the weights; zeros and σ until training sets them). CLIP
+embeddings share a large common direction (for the random `tiny` tower cos ≈ 0.98 between any
+two images), so dividing by σ alone would leave what tells frames and clips apart at a few
+percent of unit scale, and the network learns slowly or not at all.
 """
 
 from __future__ import annotations
@@ -118,27 +124,41 @@ class MotionPredictor(torch.nn.Module):
         # Zero-initialised head: an untrained predictor is exactly the linear baseline.
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
+        self.register_buffer("input_center", torch.zeros(c.dim))
+        self.register_buffer("input_scale", torch.tensor(float(c.scale)))
+
+    @torch.no_grad()
+    def set_input_normalization(self, center: torch.Tensor, scale: float) -> None:
+        """Centre and scale of the network's inputs: the training data's mean embedding and
+        the RMS norm of the centred embeddings."""
+        self.input_center.copy_(center)
+        self.input_scale.fill_(scale)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.input_center) / self.input_scale
 
     def forward(self, start: torch.Tensor, end: torch.Tensor, frames: int) -> torch.Tensor:
         """(B, D), (B, D) -> P of shape (B, L, D), P[:, 0] = start and P[:, -1] = end."""
         scale = self.config.scale
         base = lerp_embeddings(start, end, frames)
         t = taus(frames, start.device).to(start.dtype)
-        tokens = self.embed_in(base / scale) + self.tau_mlp(_sinusoid(t, self.config.width))
-        anchors = self.embed_in(torch.stack([start, end], dim=1) / scale) + self.anchors
+        tau = self.tau_mlp(_sinusoid(t, self.config.width))
+        tokens = self.embed_in(self._normalize(base)) + tau
+        anchors = self.embed_in(self._normalize(torch.stack([start, end], dim=1))) + self.anchors
         hidden = self.blocks(torch.cat([anchors, tokens], dim=1))[:, 2:]
         delta = self.head(self.norm_out(hidden))
         bump = (4 * t * (1 - t))[None, :, None]
         return base + bump * scale * delta
 
 
-def _weights_path(path: Path) -> Path:
+def weights_path(path: Path) -> Path:
+    """The weights file of a checkpoint given as the file or its folder."""
     return path / WEIGHTS_NAME if path.suffix != ".safetensors" else path
 
 
 def save_predictor(model: MotionPredictor, path: Path) -> Path:
     """Write weights (`.safetensors`) and config (`.json` beside them) atomically."""
-    weights = _weights_path(path)
+    weights = weights_path(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_text(weights.with_suffix(".json"), model.config.to_json())
@@ -148,7 +168,7 @@ def save_predictor(model: MotionPredictor, path: Path) -> Path:
 
 def load_predictor(path: Path, expect_dim: int | None = None) -> MotionPredictor:
     """Load a checkpoint (a `.safetensors` file or a folder holding `predictor.safetensors`)."""
-    weights = _weights_path(Path(path))
+    weights = weights_path(Path(path))
     config_path = weights.with_suffix(".json")
     if not weights.is_file() or not config_path.is_file():
         raise PredictorError(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
 from ..encoder import ImageEncoder
+
+StepCallback = Callable[[int, int], None]  # (steps done, total) within one transition
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,15 @@ class TransitionDecoder(Protocol):
     # The encoder whose embedding space `embeddings` must be in (the decoder's own image
     # encoder, e.g. IP-Adapter's); None for decoders that do not use embeddings.
     image_encoder: ImageEncoder | None
+    fps: int  # the frame rate the decoder's motion is made for
+    max_frames: int | None  # the longest transition it can make (None: any)
 
-    def transition(self, request: TransitionRequest) -> list[Image.Image]:
+    def describe(self) -> dict[str, Any]:
+        """What makes the video (decoder, weights, settings), for the animate manifest."""
+        ...
+
+    def transition(
+        self, request: TransitionRequest, on_step: StepCallback | None = None
+    ) -> list[Image.Image]:
         """Exactly `request.frames` RGB images of the start image's size."""
         ...

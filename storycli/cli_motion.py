@@ -1,0 +1,399 @@
+"""`storydiff animate` and `storydiff train-predictor` (stage two). Registered on the app in
+cli.py; like there, heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from .cli import (
+    EXIT_INVALID,
+    EXIT_RUNTIME,
+    JsonOpt,
+    _configure_logging,
+    _fail,
+    _stderr,
+    app,
+)
+from .config import ConfigFileError
+
+Verbose = Annotated[
+    int, typer.Option("--verbose", "-v", count=True, help="More detail; tracebacks on errors.")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes.")]
+Device = Annotated[
+    str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.", rich_help_panel="Hardware")
+]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16.",
+        rich_help_panel="Hardware",
+    ),
+]
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+class _InvalidInput(Exception):
+    """Raised inside `work` for a command's own bad-input errors (exit 2)."""
+
+
+def _run_guarded(verbose: int, work: Any) -> Any:
+    """Run `work()`, turning the known failures into one-line errors and exit codes."""
+    from .models import ModelUnavailable
+    from .motion.animate import AnimateError
+    from .motion.predictor import PredictorError
+    from .motion.video import VideoError
+
+    try:
+        return work()
+    except (AnimateError, PredictorError, ConfigFileError, _InvalidInput) as exc:
+        raise _fail(str(exc), EXIT_INVALID, verbose > 0) from None
+    except (ModelUnavailable, VideoError) as exc:
+        raise _fail(str(exc), EXIT_RUNTIME, verbose > 0) from None
+    except KeyboardInterrupt:
+        _stderr().print("interrupted: finished files are kept; run the same command to resume")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a bug, or an environment problem we did not foresee
+        raise _fail(
+            f"{type(exc).__name__}: {exc} (run again with -v for the traceback)",
+            EXIT_RUNTIME,
+            verbose > 0,
+        ) from None
+
+
+@app.command(
+    epilog="[bold]Examples[/]\n\n"
+    "  storydiff animate outputs/lighthouse\n\n"
+    "  storydiff animate outputs/lighthouse --decoder animatediff --predictor runs/smp\n\n"
+    "  storydiff animate my_drawings/ --decoder latent-slerp --frames 24 --fps 12 --hold 0.5\n\n"
+    "  storydiff animate outputs/fox-compare --decoder animatediff --model tiny --frames 8"
+)
+def animate(
+    keyframes: Annotated[
+        Path,
+        typer.Argument(
+            help="A `generate` output folder (its manifest gives order and prompts) or any "
+            "folder of images (taken in name order).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder. Default: KEYFRAMES/video."),
+    ] = None,
+    decoder: Annotated[
+        str,
+        typer.Option(
+            help="crossfade (pixel blend, no model), latent-slerp (SDXL VAE latents), "
+            "animatediff (SD1.5 + AnimateDiff + SparseCtrl + IP-Adapter, uses the predictor)."
+        ),
+    ] = "crossfade",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Weights for the decoder: a preset in configs/video_models.yaml (animatediff, "
+            "tiny), a hub id or a local folder (animatediff: an SD1.5 base; latent-slerp: a VAE)."
+        ),
+    ] = None,
+    predictor: Annotated[
+        Path | None,
+        typer.Option(
+            help="Motion predictor checkpoint (from train-predictor). Default: the linear "
+            "baseline between the two keyframes' embeddings."
+        ),
+    ] = None,
+    frames: Annotated[
+        int, typer.Option(min=2, help="Frames per transition, both keyframes included.")
+    ] = 16,
+    fps: Annotated[
+        int | None, typer.Option(min=1, help="Frame rate. Default: the decoder's (8).")
+    ] = None,
+    hold: Annotated[
+        float, typer.Option(min=0.0, help="Seconds each keyframe is held in story.mp4.")
+    ] = 1.0,
+    quality: Annotated[
+        int, typer.Option(min=0, max=10, help="Video quality 0-10 (10: lossless).")
+    ] = 8,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the decoder.")] = 0,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Denoising steps (animatediff). Default: preset.")
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(min=0.0, help="Guidance scale (animatediff).")
+    ] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    offload: Annotated[
+        str,
+        typer.Option(help="none, model, sequential (animatediff).", rich_help_panel="Hardware"),
+    ] = "none",
+    overwrite: Annotated[
+        bool, typer.Option(help="Remake every video; allow replacing another folder's videos.")
+    ] = False,
+    json_out: JsonOpt = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Make transition videos between consecutive keyframes, and story.mp4 joining them.
+
+    Writes transition_01_02.mp4, ... (H.264, yuv420p), story.mp4 and animate.json into the
+    output folder. Transitions whose inputs are unchanged are kept, so reruns are cheap.
+    """
+    from .motion.decoders import DECODERS
+
+    if decoder not in DECODERS:
+        raise _fail(f"--decoder {decoder}: choose one of {', '.join(DECODERS)}", EXIT_INVALID)
+    if offload not in ("none", "model", "sequential"):
+        raise _fail(f"--offload {offload}: choose none, model or sequential", EXIT_INVALID)
+    _configure_logging(verbose, quiet)
+    if not verbose:
+        # diffusers passes huggingface_hub a deprecated argument when it looks for weights: a
+        # multi-line warning before our one-line error about missing weights.
+        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument")
+    from .motion.animate import AnimateHooks, AnimateOptions
+    from .motion.animate import animate as run_animate
+
+    options = AnimateOptions(
+        keyframes=keyframes,
+        out=out,
+        decoder=decoder,
+        model=model,
+        predictor=predictor,
+        frames=frames,
+        fps=fps,
+        hold=hold,
+        quality=quality,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        offload=offload,
+        steps=steps,
+        guidance=guidance,
+        overwrite=overwrite,
+    )
+    show = not (quiet or json_out)
+    console = _stderr()
+
+    def work() -> Any:
+        with _progress(console, show) as progress:
+            tasks: dict[str, Any] = {}
+
+            def on_start(count: int) -> None:
+                tasks["pairs"] = progress.add_task("transitions", total=count, info="")
+
+            def on_transition(description: str) -> None:
+                # The steps bar appears with the first transition made (none on a no-op rerun).
+                if "steps" not in tasks:
+                    tasks["steps"] = progress.add_task("steps", total=None, info="")
+                progress.reset(tasks["steps"], description=escape(description), info="")
+
+            def on_written(path: Path) -> None:
+                if path.name.startswith("transition_"):
+                    progress.advance(tasks["pairs"])
+
+            def on_note(text: str) -> None:
+                # Notes go to stderr, so they stay on with --json (stdout holds only JSON).
+                if not quiet:
+                    console.print(f"note: {escape(text)}", soft_wrap=True)
+
+            hooks = AnimateHooks(
+                on_note=on_note,
+                on_start=on_start,
+                on_transition=on_transition,
+                on_step=lambda done, total: progress.update(
+                    tasks["steps"], completed=done, total=total
+                ),
+                on_written=on_written,
+                on_kept=lambda path: progress.advance(tasks["pairs"]),
+            )
+            return run_animate(options, hooks)
+
+    result = _run_guarded(verbose, work)
+    if json_out:
+        typer.echo(json.dumps(result.summary(), indent=2, ensure_ascii=False))
+    elif not quiet:
+        made = sum(p.name.startswith("transition_") for p in result.generated)
+        kept = len(result.transitions) - made
+        console.print(
+            f"[green]done[/] {escape(str(result.folder))}: {made} transition(s) made, "
+            f"{kept} unchanged, story.mp4 and animate.json written in {result.seconds:.1f} s",
+            soft_wrap=True,
+        )
+
+
+@app.command(
+    "train-predictor",
+    epilog="[bold]Examples[/]\n\n"
+    "  storydiff train-predictor --data ~/videos --out runs/smp\n\n"
+    "  storydiff train-predictor --data ~/videos --out runs/smp --resume --max-steps 20000\n\n"
+    "  storydiff train-predictor --data clips/ --encoder tiny --frames 8 --max-steps 300 "
+    "--out /tmp/smp",
+)
+def train_predictor(
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of videos (mp4, webm, gif, mov, mkv, ...) and/or folders of frame "
+            "images, searched recursively.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Run folder: predictor, checkpoints, metrics.json, run.json."
+        ),
+    ] = Path("runs/predictor"),
+    encoder: Annotated[
+        str,
+        typer.Option(
+            help="CLIP image encoder: openclip-vit-h (the IP-Adapter/SVD tower, 1024-d), a hub "
+            "id, a local folder, or tiny (random, for tests)."
+        ),
+    ] = "openclip-vit-h",
+    frames: Annotated[int, typer.Option(min=3, help="Frames per clip (L), ends included.")] = 16,
+    fps: Annotated[float, typer.Option(min=0.1, help="Rate videos are sampled at.")] = 8.0,
+    max_steps: Annotated[int, typer.Option(min=1, help="Optimiser steps in total.")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Clips per step.")] = 64,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW).")] = 1e-4,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 200,
+    eval_every: Annotated[int, typer.Option(min=1, help="Validate every N steps.")] = 100,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
+    val_fraction: Annotated[
+        float, typer.Option(min=0.01, max=0.9, help="Share of videos held out for validation.")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the run.")] = 0,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the latest checkpoint in --out.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start over in an --out that holds another run.")
+    ] = False,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="Embedding cache folder. Default: DATA/.storydiff-cache."),
+    ] = None,
+    device: Device = "auto",
+    json_out: JsonOpt = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Train the Semantic Motion Predictor on a folder of videos.
+
+    Each video's CLIP embeddings are computed once and cached; training then samples clips of
+    `--frames` frames and learns to predict the interior frames' embeddings from the two ends.
+    After each validation, OUT/metrics.json gains a record with the predictor's error against
+    the linear baseline (`gain` > 0: better than lerp).
+    """
+    _configure_logging(verbose, quiet)
+    from .motion.dataset import DatasetError
+    from .motion.train import TrainError, TrainHooks, TrainOptions
+    from .motion.train import train_predictor as run_training
+
+    options = TrainOptions(
+        data=data,
+        out=out,
+        encoder=encoder,
+        frames=frames,
+        fps=fps,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        val_fraction=val_fraction,
+        seed=seed,
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+        cache_dir=cache,
+    )
+    show = not (quiet or json_out)
+    console = _stderr()
+
+    def work() -> Any:
+        with _progress(console, show) as progress:
+            tasks: dict[str, Any] = {}
+
+            def on_encode(done: int, total: int, name: str) -> None:
+                if "encode" not in tasks:
+                    tasks["encode"] = progress.add_task("embeddings", total=total, info="")
+                progress.update(tasks["encode"], completed=done, info=escape(name))
+
+            def on_step(step: int, total: int, loss: float) -> None:
+                if "train" not in tasks:
+                    tasks["train"] = progress.add_task("training", total=total, info="")
+                progress.update(tasks["train"], completed=step, info=f"loss {loss:.4f}")
+
+            def on_eval(record: dict[str, Any]) -> None:
+                if show:
+                    progress.console.print(
+                        f"step {record['step']}: val mse {record['val_mse_predictor']:.4g} "
+                        f"(lerp {record['val_mse_lerp']:.4g}), gain {record['gain']:+.3f}",
+                        highlight=False,
+                    )
+
+            hooks = TrainHooks(
+                on_encode=on_encode,
+                on_step=on_step,
+                on_eval=on_eval,
+                on_note=lambda text: (
+                    progress.console.print(f"note: {escape(text)}") if show else None
+                ),
+            )
+            try:
+                return run_training(options, hooks)
+            except (DatasetError, TrainError) as exc:
+                raise _InvalidInput(str(exc)) from exc
+
+    result = _run_guarded(verbose, work)
+    summary = {
+        "out": str(result.out),
+        "predictor": str(result.predictor_path),
+        "metrics": str(result.metrics_path),
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "final": result.final,
+        "counts": result.counts,
+        "clips_per_second": result.clips_per_second,
+        "seconds": round(result.seconds, 3),
+    }
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    elif not quiet:
+        gain = result.final.get("gain")
+        console.print(
+            f"[green]done[/] {escape(str(result.predictor_path))}: {result.steps} steps, "
+            f"gain over lerp {gain:+.3f} (metrics.json) in {result.seconds:.1f} s",
+            soft_wrap=True,
+        )

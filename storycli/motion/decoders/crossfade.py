@@ -1,0 +1,40 @@
+"""`crossfade`: a pixel blend of the two keyframes. No model: the baseline and test reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..predictor import taus
+from .base import StepCallback, TransitionRequest
+
+
+def blend(start: Image.Image, end: Image.Image, frames: int) -> list[Image.Image]:
+    """(1 − τ)·start + τ·end for τ = 0 … 1 over `frames` frames (exact keyframes at the ends)."""
+    a = np.asarray(start.convert("RGB"), dtype=np.float32)
+    b = np.asarray(end.convert("RGB").resize(start.size, Image.Resampling.LANCZOS), np.float32)
+    out = []
+    for t in taus(frames).tolist():
+        mixed = np.rint(a + (b - a) * t).clip(0, 255).astype(np.uint8)
+        out.append(Image.fromarray(mixed))
+    return out
+
+
+class CrossfadeDecoder:
+    name = "crossfade"
+    image_encoder = None
+    fps = 8
+    max_frames: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"decoder": self.name}
+
+    def transition(
+        self, request: TransitionRequest, on_step: StepCallback | None = None
+    ) -> list[Image.Image]:
+        frames = blend(request.start, request.end, request.frames)
+        if on_step is not None:
+            on_step(1, 1)
+        return frames
