@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_path"]
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
@@ -29,12 +29,12 @@ def _open_temp(target: Path) -> tuple[int, Path]:
     raise FileExistsError(f"could not create a temp file next to {target}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Best-effort fsync of a folder so the rename itself is durable (POSIX only)."""
-    if os.name != "posix":
+def fsync_path(path: Path) -> None:
+    """Best-effort fsync of a file, or of a folder so a rename in it is durable (POSIX only)."""
+    if os.name != "posix" and path.is_dir():
         return
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -63,7 +63,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,6 +46,31 @@ def _fail(message: str, code: int, verbose: bool = False) -> typer.Exit:
         traceback.print_exc()
     _stderr().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
+
+
+def run_guarded(
+    work: Callable[[], Any],
+    verbose: int,
+    invalid: tuple[type[BaseException], ...] = (),
+    runtime: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Run a command's `work()`: the expected failures become one line and an exit code (2 for
+    `invalid` input, 1 for `runtime` problems); anything else is reported as unexpected."""
+    try:
+        return work()
+    except invalid as exc:
+        raise _fail(str(exc), EXIT_INVALID, verbose > 0) from None
+    except runtime as exc:
+        raise _fail(str(exc), EXIT_RUNTIME, verbose > 0) from None
+    except KeyboardInterrupt:
+        _stderr().print("interrupted: finished files are kept; run the same command to resume")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a bug, or an environment problem we did not foresee
+        raise _fail(
+            f"{type(exc).__name__}: {exc} (run again with -v for the traceback)",
+            EXIT_RUNTIME,
+            verbose > 0,
+        ) from None
 
 
 def _story_error(exc: StoryError) -> typer.Exit:
@@ -283,24 +309,15 @@ def generate(
     from .progress import StoryProgress
 
     show = not (quiet or json_out)
-    try:
-        from .generate import generate_story
-        from .models import ModelUnavailable
-        from .runs import OutputConflict
+    from .generate import generate_story
+    from .models import ModelUnavailable
+    from .runs import OutputConflict
 
+    def work() -> Any:
         with StoryProgress(_stderr(), enabled=show) as progress:
-            result = generate_story(story, options, configs, progress.hooks(), plan=plan)
-    except (ModelUnavailable, OutputConflict) as exc:
-        raise _fail(str(exc), EXIT_RUNTIME, verbose > 0) from None
-    except KeyboardInterrupt:
-        _stderr().print("interrupted: finished frames are kept; run the same command to resume")
-        raise typer.Exit(130) from None
-    except Exception as exc:  # a bug, or an environment problem we did not foresee
-        raise _fail(
-            f"{type(exc).__name__}: {exc} (run again with -v for the traceback)",
-            EXIT_RUNTIME,
-            verbose > 0,
-        ) from None
+            return generate_story(story, options, configs, progress.hooks(), plan=plan)
+
+    result = run_guarded(work, verbose, runtime=(ModelUnavailable, OutputConflict))
 
     if json_out:
         typer.echo(json.dumps(result.summary(), indent=2, ensure_ascii=False))

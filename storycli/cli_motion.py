@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,12 +24,12 @@ from rich.progress import (
 
 from .cli import (
     EXIT_INVALID,
-    EXIT_RUNTIME,
     JsonOpt,
     _configure_logging,
     _fail,
     _stderr,
     app,
+    run_guarded,
 )
 from .config import ConfigFileError
 
@@ -66,28 +67,18 @@ class _InvalidInput(Exception):
     """Raised inside `work` for a command's own bad-input errors (exit 2)."""
 
 
-def _run_guarded(verbose: int, work: Any) -> Any:
-    """Run `work()`, turning the known failures into one-line errors and exit codes."""
+def _run_guarded(verbose: int, work: Callable[[], Any]) -> Any:
     from .models import ModelUnavailable
     from .motion.animate import AnimateError
     from .motion.predictor import PredictorError
     from .motion.video import VideoError
 
-    try:
-        return work()
-    except (AnimateError, PredictorError, ConfigFileError, _InvalidInput) as exc:
-        raise _fail(str(exc), EXIT_INVALID, verbose > 0) from None
-    except (ModelUnavailable, VideoError) as exc:
-        raise _fail(str(exc), EXIT_RUNTIME, verbose > 0) from None
-    except KeyboardInterrupt:
-        _stderr().print("interrupted: finished files are kept; run the same command to resume")
-        raise typer.Exit(130) from None
-    except Exception as exc:  # a bug, or an environment problem we did not foresee
-        raise _fail(
-            f"{type(exc).__name__}: {exc} (run again with -v for the traceback)",
-            EXIT_RUNTIME,
-            verbose > 0,
-        ) from None
+    return run_guarded(
+        work,
+        verbose,
+        invalid=(AnimateError, PredictorError, ConfigFileError, _InvalidInput),
+        runtime=(ModelUnavailable, VideoError),
+    )
 
 
 @app.command(

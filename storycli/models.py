@@ -92,6 +92,17 @@ def _unavailable(model: str, source: str, exc: Exception) -> ModelUnavailable:
     )
 
 
+def place_pipeline(pipe: Any, device: str, offload: Offload) -> None:
+    """Put a diffusers pipeline on `device`, or arm CPU offload; silence its progress bar."""
+    pipe.set_progress_bar_config(disable=True)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+
+
 def load_pipeline(
     model: str,
     configs: Configs | None = None,
@@ -136,13 +147,7 @@ def load_pipeline(
     except (OSError, ValueError, RuntimeError) as exc:
         raise _unavailable(model, source, exc) from exc
 
-    pipe.set_progress_bar_config(disable=True)
-    if offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    place_pipeline(pipe, device, offload)
     if vae_slicing:
         pipe.vae.enable_slicing()
     if vae_tiling:

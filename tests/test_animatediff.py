@@ -6,7 +6,6 @@ Everything runs offline on the CPU: 2 denoising steps, 8 frames, 64-px frames.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +33,7 @@ FRAMES = 8
 EMBED_DIM = 32  # the tiny image encoder's projection_dim
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The tiny models are too small to gain from threads, and on a shared 2-core machine the
-    # OpenMP workers spin against other processes: one thread is ~5x faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

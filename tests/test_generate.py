@@ -484,7 +484,7 @@ def test_interrupted_first_run_resumes(tmp_path: Path) -> None:
     folder = out / "pair"
     assert sorted(p.name for p in folder.glob("frame_*.png")) == ["frame_01.png", "frame_03.png"]
 
-    # The CLI says "finished frames are kept; run the same command to resume".
+    # The CLI says "finished files are kept; run the same command to resume".
     summary = generate_json(story, out)
     assert generated(summary) == {2, 4, 5, 6}
     # The result is the same as that of an uninterrupted run.

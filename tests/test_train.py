@@ -27,14 +27,7 @@ from storycli.motion.video import write_mp4
 FPS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny predictor's steps take milliseconds: on a small, shared CPU a second OpenMP
-    # thread only adds synchronisation (measured 25x slower under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

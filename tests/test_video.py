@@ -283,3 +283,13 @@ def test_write_synthetic_dataset_writes_readable_videos_and_frame_folders(tmp_pa
     assert all(len(c) == 8 and c[0].size == (48, 32) for c in clips)
     assert not np.array_equal(_pixels(clips[0][0]), _pixels(clips[1][0]))
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_synthetic_module_command_writes_a_dataset(tmp_path):
+    from storycli.motion.synthetic import main
+
+    main([str(tmp_path / "clips"), "--videos", "2", "--seconds", "1", "--size", "32"])
+    written = sorted(p.name for p in (tmp_path / "clips").iterdir())
+    assert written == ["video_000.mp4", "video_001.mp4"]
+    info = probe_mp4(tmp_path / "clips" / "video_000.mp4")
+    assert (info.frames, info.width, info.height) == (8, 32, 32)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..atomic import atomic_write_bytes, atomic_write_text
@@ -179,7 +180,7 @@ def load_predictor(path: Path, expect_dim: int | None = None) -> MotionPredictor
         config = PredictorConfig.from_dict(json.loads(config_path.read_text()))
         model = MotionPredictor(config)
         model.load_state_dict(load_file(weights))
-    except (OSError, ValueError, RuntimeError, TypeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as exc:
         raise PredictorError(f"{weights}: not a readable predictor checkpoint ({exc})") from exc
     if expect_dim is not None and config.dim != expect_dim:
         raise PredictorError(

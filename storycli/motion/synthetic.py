@@ -11,6 +11,7 @@ from __future__ import annotations
 import colorsys
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,3 +239,29 @@ def write_synthetic_dataset(
         _write_frame_folder(path, synthetic_clip(_clip_seed(seed, 1, j), count, size))
         written.append(path)
     return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m storycli.motion.synthetic DIR`: a folder of synthetic training videos."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m storycli.motion.synthetic",
+        description="Write synthetic videos (shapes on curved, accelerating and turning paths) "
+        "for trying `storydiff train-predictor` without a video collection.",
+    )
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--videos", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64, help="width and height in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    written = write_synthetic_dataset(
+        args.folder, args.videos, args.seconds, args.fps, (args.size, args.size), args.seed
+    )
+    print(f"wrote {len(written)} videos to {args.folder}")
+
+
+if __name__ == "__main__":
+    main()

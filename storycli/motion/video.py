@@ -20,6 +20,8 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
+from ..atomic import fsync_path
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "VIDEO_SUFFIXES",
@@ -347,20 +349,6 @@ def _encode(tmp: Path, frames: Sequence[Image.Image | np.ndarray], fps: float, c
         writer.close()  # flushes and waits for ffmpeg to finish the file
 
 
-def _fsync(path: Path) -> None:
-    """Best-effort fsync of a file or (POSIX) folder so the data and the rename are durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _verify(tmp: Path, target: Path, expected_frames: int) -> VideoInfo:
     if tmp.stat().st_size == 0:
         raise VideoError(f"ffmpeg wrote an empty file for {target}.")
@@ -392,7 +380,7 @@ def write_mp4(
     try:
         _encode(tmp, frames, fps, crf)
         info = _verify(tmp, path, len(frames))
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -401,5 +389,5 @@ def write_mp4(
             raise
         raise VideoError(f"cannot write video {path}: {_short_reason(err)}.") from err
     if os.name == "posix":
-        _fsync(path.parent)
+        fsync_path(path.parent)
     return replace(info, path=path)

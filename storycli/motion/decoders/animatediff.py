@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ...models import ModelUnavailable, Offload, resolve_device, resolve_dtype
+from ...models import (
+    ModelUnavailable,
+    Offload,
+    place_pipeline,
+    resolve_device,
+    resolve_dtype,
+)
 from ...story import local_model_path
 from ..encoder import ENCODERS, ImageEncoder, load_image_encoder
 from ..presets import ComponentRef, VideoPreset, load_video_presets, resolve_video_preset
@@ -181,14 +187,8 @@ def _load_real_stack(preset: VideoPreset, device: str, dtype: torch.dtype) -> tu
 def _place(pipe: Any, device: str, offload: Offload) -> None:
     # The UNetMotionModel holds its own copy of the motion modules: the adapter is dead weight.
     pipe.register_modules(motion_adapter=None)
-    if offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    place_pipeline(pipe, device, offload)
     pipe.vae.enable_slicing()
-    pipe.set_progress_bar_config(disable=True)
 
 
 def load_animatediff_decoder(
