@@ -424,15 +424,7 @@ def test_missing_predictor_is_refused_for_any_decoder(
     assert not (drawings / "video").exists()
 
 
-def test_uncached_vae_is_missing_weights(
-    drawings: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.chdir(tmp_path)
+def test_uncached_vae_is_missing_weights(drawings: Path, tmp_path: Path, hub_offline: None) -> None:
     result = run_cli(drawings, "--decoder", "latent-slerp", "--model", "some/uncached-vae", code=1)
     assert_refused(result, "some/uncached-vae", "`hf download some/uncached-vae`")
     assert not (drawings / "video").exists()

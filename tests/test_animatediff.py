@@ -135,15 +135,6 @@ def test_missing_preset_file(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ missing weights
 
 
-def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.chdir(tmp_path)
-
-
 def write_preset(folder: Path, ip_repo: str) -> Path:
     (folder / "video_models.yaml").write_text(
         "animatediff:\n"
@@ -157,16 +148,14 @@ def write_preset(folder: Path, ip_repo: str) -> Path:
     return folder
 
 
-def test_missing_local_base_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    offline(monkeypatch, tmp_path)
+def test_missing_local_base_folder(hub_offline: None, tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable) as info:
         load_animatediff_decoder("./no-such-sd15", device="cpu")
     message = str(info.value)
     assert "base model" in message and "no-such-sd15" in message and "hf download" in message
 
 
-def test_uncached_ip_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    offline(monkeypatch, tmp_path)
+def test_uncached_ip_adapter(hub_offline: None, tmp_path: Path) -> None:
     configs = write_preset(tmp_path, "storycli-tests/no-such-ip-adapter")
     with pytest.raises(ModelUnavailable) as info:
         load_animatediff_decoder(device="cpu", configs_dir=configs)
@@ -176,8 +165,7 @@ def test_uncached_ip_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument")  # diffusers' call
-def test_uncached_motion_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    offline(monkeypatch, tmp_path)
+def test_uncached_motion_adapter(hub_offline: None, tmp_path: Path) -> None:
     ip_file = tmp_path / "ip" / "models" / "ip.safetensors"
     ip_file.parent.mkdir(parents=True)
     ip_file.write_bytes(b"")  # only its presence is checked before the big downloads

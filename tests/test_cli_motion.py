@@ -65,10 +65,18 @@ def test_folder_without_usable_videos_is_one_clear_error(tmp_path):
     assert result.exit_code == 2
     assert result.output.count("error:") == 1 and str(data) in result.output.replace("\n", "")
     assert "Traceback" not in result.output
-    assert not (tmp_path / "run" / "predictor.safetensors").exists()
+    assert not (tmp_path / "run").exists()  # nothing half-written
 
 
 def test_missing_data_folder(tmp_path):
     result = train("--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"))
     assert result.exit_code == 2
     assert "nope" in result.output and "Traceback" not in result.output
+
+
+def test_uncached_encoder_offline_is_missing_weights(data, tmp_path, hub_offline):
+    args = ["train-predictor", "--data", str(data), "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, [*args, "--encoder", "openclip-vit-h", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "hf download h94/IP-Adapter" in result.output.replace("\n", "")
+    assert not (tmp_path / "run").exists()

@@ -656,11 +656,12 @@ def train_predictor(options: TrainOptions, hooks: TrainHooks | None = None) -> T
     began = time.perf_counter()
     options = replace(options, data=Path(options.data), out=Path(options.out))
     _validate(options)
-    options.out.mkdir(parents=True, exist_ok=True)
     resumed = _prepare_out(options, hooks)
     device = resolve_device(options.device)
     data, encoder = _load_data(options, hooks)
     split, train_videos, val_videos = _split(options, data)
+    # Only now, with the encoder and data known to be good: a failed start leaves no folder.
+    options.out.mkdir(parents=True, exist_ok=True)
     if resumed is None:
         config = predictor_config(options, encoder.dim, embedding_rms(train_videos), encoder)
     else:
