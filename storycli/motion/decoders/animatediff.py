@@ -262,7 +262,6 @@ class AnimateDiffDecoder:
     """
 
     name = "animatediff"
-    uses_embeddings = True
 
     def __init__(
         self,

@@ -22,7 +22,7 @@ class TransitionRequest:
     end: Image.Image  # RGB, same size as `start`
     frames: int  # L, including both keyframes (frame 0 ≈ start, frame L-1 ≈ end)
     # (L, D) per-frame CLIP image embeddings P_1..P_L (predicted, or the lerp baseline); None
-    # for decoders whose `uses_embeddings` is False.
+    # for decoders without an image encoder.
     embeddings: torch.Tensor | None = None
     start_prompt: str | None = None  # the keyframes' prompts when known (generate manifest)
     end_prompt: str | None = None
