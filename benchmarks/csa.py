@@ -209,22 +209,6 @@ class Memory:
         return _status_kib("VmHWM") * 1024
 
 
-def device_name(device: Any) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if match:
-            name = match.group(1).strip()
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
-
-
 # --------------------------------------------------------------------------------------------
 # Worker: build one UNet, measure the forwards of one mode group at one resolution
 # --------------------------------------------------------------------------------------------
@@ -293,6 +277,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from storycli.consistency import CSAState, csa_layers, installed_csa
+    from storycli.models import device_description
 
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
@@ -327,7 +312,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     source = Path(csa_module.__file__).read_bytes()
     out: dict[str, Any] = {
-        "device_name": device_name(device),
+        "device_name": device_description(str(device)),
         "csa_source_sha1": hashlib.sha1(source).hexdigest()[:12],
         "build_seconds": build_s,
         "baseline_bytes": baseline,
@@ -588,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
     import torch
 
+    from storycli.models import device_description
+
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     caps = csa_capabilities()
@@ -641,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                 measured[(m, res)] = result
 
     common = {
-        "device_name": device_label or device_name(torch.device(args.device)),
+        "device_name": device_label or device_description(args.device),
         "device": args.device,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -74,22 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.models = args.models or (["tiny"] if quick else ["tiny", "mid"])
     args.sweep = args.sweep if args.sweep is not None else ([32] if quick else [32, 128, 512])
     return args
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if match:
-            name = match.group(1).strip()
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
 
 
 def loadavg() -> float | None:
@@ -249,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from storycli.models import device_description
     from storycli.motion.synthetic import write_synthetic_dataset
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -275,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "meta": {
             "device": args.device,
-            "device_name": device_name(args.device),
+            "device_name": device_description(args.device),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "date": date,

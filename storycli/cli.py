@@ -196,6 +196,9 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # diffusers passes huggingface_hub a deprecated argument when it looks for weights: a
+        # multi-line warning before our one-line error about missing weights.
+        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument")
 
 
 @app.command(

@@ -4,23 +4,12 @@ cli.py; like there, heavy imports happen inside the commands."""
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from .cli import (
     EXIT_INVALID,
@@ -32,6 +21,7 @@ from .cli import (
     run_guarded,
 )
 from .config import ConfigFileError
+from .progress import progress_bars
 
 Verbose = Annotated[
     int, typer.Option("--verbose", "-v", count=True, help="More detail; tracebacks on errors.")
@@ -47,20 +37,6 @@ Dtype = Annotated[
         rich_help_panel="Hardware",
     ),
 ]
-
-
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )
 
 
 class _InvalidInput(Exception):
@@ -166,10 +142,6 @@ def animate(
     if offload not in ("none", "model", "sequential"):
         raise _fail(f"--offload {offload}: choose none, model or sequential", EXIT_INVALID)
     _configure_logging(verbose, quiet)
-    if not verbose:
-        # diffusers passes huggingface_hub a deprecated argument when it looks for weights: a
-        # multi-line warning before our one-line error about missing weights.
-        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument")
     from .motion.animate import AnimateHooks, AnimateOptions
     from .motion.animate import animate as run_animate
 
@@ -195,7 +167,7 @@ def animate(
     console = _stderr()
 
     def work() -> Any:
-        with _progress(console, show) as progress:
+        with progress_bars(console, show, info=True) as progress:
             tasks: dict[str, Any] = {}
 
             def on_start(count: int) -> None:
@@ -333,7 +305,7 @@ def train_predictor(
     console = _stderr()
 
     def work() -> Any:
-        with _progress(console, show) as progress:
+        with progress_bars(console, show, info=True) as progress:
             tasks: dict[str, Any] = {}
 
             def on_encode(done: int, total: int, name: str) -> None:

@@ -61,6 +61,24 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def device_description(device: str) -> str:
+    """The device in words, for benchmark records: GPU name, or CPU model, cores and threads."""
+    import os
+    import platform
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if match:
+            name = match.group(1).strip()
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         # Half precision on GPUs; CPUs get float32 (bfloat16 is faster there but less exact).

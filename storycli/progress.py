@@ -1,4 +1,4 @@
-"""Rich progress display for `generate` (stderr): frames done and steps of the current call."""
+"""Rich progress on stderr: the bars every command uses; `generate`'s frames and steps."""
 
 from __future__ import annotations
 
@@ -21,21 +21,20 @@ from rich.progress import (
 from .generate import Hooks
 
 
+def progress_bars(console: Console, enabled: bool, info: bool = False) -> Progress:
+    """The commands' progress display; `info` adds a column for a task's `info` field."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if info:
+        columns.append(TextColumn("{task.fields[info]}"))
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=console, disable=not enabled)
+
+
 class StoryProgress:
     def __init__(self, console: Console, enabled: bool = True) -> None:
         self.console = console
         self.enabled = enabled
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled,
-            transient=False,
-        )
+        self.progress = progress_bars(console, enabled)
         self.frames_task: Any = None
         self.steps_task: Any = None
 
