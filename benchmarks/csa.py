@@ -1,27 +1,33 @@
 #!/usr/bin/env python
-"""Benchmark Consistent Self-Attention against stock SDXL attention, per UNet denoising step.
+"""Benchmark Consistent Self-Attention against stock SDXL attention, per UNet forward.
 
 Builds the real SDXL base UNet architecture (``sdxl_unet_config.json``, 2.57 B parameters) with
-random weights — nothing is downloaded — and measures UNet forwards the way a storydiff story runs
-them, with CSA driven exactly as ``storycli.keyframes`` drives it (``CSAState`` +
-``installed_csa`` + ``begin_call``).
+random weights — nothing is downloaded — and times the UNet forwards a storydiff story runs,
+with CSA driven exactly as the story loop (``storycli.keyframes.generate_keyframes``) drives it:
+``CSAState.open_call`` once per plan call, ``enter(streams)`` / ``leave()`` around each forward,
+``drop_step`` once every frame has read the step's bank.
 
-What a story of F frames with R reference frames (``--id-length``) costs per denoising step:
+What a story of F frames with R reference frames (``--id-length``) runs per denoising step:
 
-* CSA (reference mode): one *write* forward of batch 2R (the R reference frames, CFG doubles the
-  batch) + (F - R) *read* forwards of batch 2 (one frame each, attending to the bank).
-* ``stock``: the same batching without CSA: one forward of batch 2R + (F - R) of batch 2.
-* ``stock-single``: every frame on its own: F forwards of batch 2.
+* CSA: one *write* forward of batch 2R (the R references; CFG doubles the batch), which banks
+  the sampled tokens' keys and values, then the F − R *read* frames in micro-batches of m
+  (``frame_batch``): a read forward of micro-batch m is ``state.enter([m one-frame read
+  calls])`` on a batch of 2m, each frame attending to its own tokens plus the bank.
+* stock: the same batching with diffusers' attention: one forward of batch 2R, then forwards
+  of batch 2m.
 
-Read frames are identical work, so each forward kind is measured once (median of ``--repeats``
-after ``--warmup``) and story totals are composed: seconds per image-step = total / F. Peak memory
-is measured over one story step (write, then reads with that step's bank resident); the bank of a
-whole story (every denoising step is banked) is projected from the bank of one step.
+Timing discipline: one process and one UNet for everything. Each CSA forward is paired with a
+stock forward of the same batch on the same inputs, run back to back, the order alternating
+between rounds (stock first in even rounds, CSA first in odd ones), so a change in the machine's
+speed (other processes, clocks) hits both sides of a pair alike. The ratio of a forward kind is
+the median of its pairs' ratios; story totals are composed from the per-kind medians (read
+frames are identical work). The whole-story *memory* of the story loop is measured by
+``benchmarks/story_loop.py``, not here.
 
 Usage::
 
-    python benchmarks/csa.py --device cuda                 # 768² and 1024², frames 4 … 100
-    python benchmarks/csa.py --device cpu                  # 512², frames 4 and 8, bf16
+    python benchmarks/csa.py --device cuda                 # 768² and 1024²
+    python benchmarks/csa.py --device cpu --modes csa      # 512², bf16
     python benchmarks/csa.py --quick --out /tmp/bench      # tiny UNet, seconds (CI smoke test)
 
 Results go to ``<out>/<device>-<date>.{json,md,png}`` (``<device>-quick-<date>`` for --quick).
@@ -32,11 +38,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import inspect
+import hashlib
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -49,14 +54,15 @@ HERE = Path(__file__).resolve().parent
 SDXL_CONFIG = HERE / "sdxl_unet_config.json"
 GIB, MIB = 2**30, 2**20
 
+# The issue's targets on CPU (time per image, CSA / stock).
+TARGETS = {"write": 1.08, "read": 1.10, "story": 1.10}
+
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
     name: str
-    kind: str  # "stock" | "csa"
     description: str
-    impl: str | None = None  # CSASettings.impl
-    placement: str | None = None  # BankSettings placement
+    impl: str = "fast"  # CSASettings.impl
     window: bool = False
 
 
@@ -64,167 +70,49 @@ MODES: dict[str, Mode] = {
     m.name: m
     for m in (
         Mode(
-            "stock",
-            "stock",
-            "stock SDXL attention, batched like CSA: one batch of R frames, then one frame each",
-        ),
-        Mode("stock-single", "stock", "stock SDXL attention, one frame (batch 2 with CFG) each"),
-        Mode("csa", "csa", "CSA reference mode, fast impl, bank on the device", "fast", "device"),
-        Mode(
-            "csa-bank-cpu",
             "csa",
-            "CSA reference mode, fast impl, bank in host memory",
-            "fast",
-            "cpu",
+            "CSA reference mode (fast impl): a write forward of the R references, then read "
+            "forwards of micro-batch m",
         ),
         Mode(
             "csa-reference",
-            "csa",
-            "CSA reference mode, straightforward reference impl (per-image loop), bank on device",
-            "reference",
-            "device",
+            "as csa with impl=reference (the per-image write loop; its read forward is csa's)",
+            impl="reference",
         ),
         Mode(
             "csa-window",
-            "csa",
-            "CSA window mode: all frames in one call, one forward per window of --window frames "
-            "every --stride frames, predictions averaged over overlaps, no bank",
-            "fast",
+            "CSA window mode: one forward of batch 2W per window of --window frames every "
+            "--stride frames, predictions averaged over overlaps, no bank",
             window=True,
         ),
     )
 }
 
-
-# --------------------------------------------------------------------------------------------
-# What the installed storycli offers (it is being extended; detect, never assume)
-# --------------------------------------------------------------------------------------------
-
-
-def csa_capabilities() -> dict[str, Any]:
-    from storycli.consistency import csa
-
-    settings_fields = {f.name for f in dataclasses.fields(csa.CSASettings)}
-    bank_cls = getattr(csa, "BankSettings", None)
-    bank_fields = {f.name for f in dataclasses.fields(bank_cls)} if bank_cls else set()
-    state_params = set(inspect.signature(csa.CSAState.__init__).parameters)
-    placement_field = next((f for f in ("placement", "device") if f in bank_fields), None)
-    return {
-        "settings_fields": settings_fields,
-        "bank": bank_cls is not None and "bank" in state_params and placement_field is not None,
-        "placement_field": placement_field,
-        "impl": "impl" in settings_fields,
-        "window": hasattr(csa, "windowed_unet") and hasattr(csa.CSAState, "begin_window"),
-    }
-
-
-def unavailable_reason(mode: Mode, caps: dict[str, Any]) -> str | None:
-    """Why `mode` cannot run against the installed storycli, or None when it can."""
-    if mode.kind == "stock":
-        return None
-    if mode.window and not caps["window"]:
-        return "storycli has no windowed_unet / CSAState.begin_window: window mode not there yet"
-    if mode.impl == "reference" and not caps["impl"]:
-        return "CSASettings has no `impl` field: no reference implementation to compare"
-    if mode.placement == "cpu" and not caps["bank"]:
-        return "no BankSettings / CSAState(bank=...): bank placement cannot be chosen"
-    return None
-
-
-def csa_objects(mode: Mode, caps: dict[str, Any]) -> tuple[Any, Any]:
-    """(CSASettings, BankSettings or None) for `mode`: CSA on in every replaced layer."""
-    from storycli.consistency import csa
-
-    kwargs: dict[str, Any] = {"warmup_steps": 0, "prob_early": 1.0, "prob_late": 1.0}
-    if caps["impl"] and mode.impl:
-        kwargs["impl"] = mode.impl
-    settings = csa.CSASettings(**kwargs)
-    bank = None
-    if caps["bank"] and mode.placement:
-        bank = csa.BankSettings(**{caps["placement_field"]: mode.placement})
-    return settings, bank
-
-
-def banked_steps(steps: int) -> int:
-    """How many of a story's `steps` denoising steps production CSA banks (default settings)."""
-    from storycli.consistency import csa
-
-    settings = csa.CSASettings()
-    bank = csa.BankSettings() if hasattr(csa, "BankSettings") else None
-    last = steps
-    if bank is not None and getattr(bank, "max_step", None) is not None:
-        last = min(steps, bank.max_step)
-    return max(0, last - settings.warmup_steps)
+# Modes earlier versions of this script had, and why they are gone.
+REMOVED: dict[str, str] = {
+    "csa-bank-cpu": "removed with BankSettings.placement: the story loop keeps one step's bank, "
+    "next to the UNet, and drops it once every frame has read it",
+    "stock-single": "removed: stock is timed with the same batching as CSA (stock forwards of "
+    "batch 2 are its micro-batch-1 reads)",
+}
 
 
 # --------------------------------------------------------------------------------------------
-# Memory and device helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    return int(match.group(1)) if match else 0
-
-
-def _reset_rss_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class Memory:
-    """Peak memory of the device the UNet runs on: CUDA max allocated, or process RSS on CPU."""
-
-    def __init__(self, device: Any) -> None:
-        import torch
-
-        self.torch = torch
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.metric = "cuda_max_memory_allocated" if self.cuda else "rss_vmhwm"
-        self.resettable = True
-
-    def now(self) -> int:
-        if self.cuda:
-            return self.torch.cuda.memory_allocated(self.device)
-        return _status_kib("VmRSS") * 1024
-
-    def reset(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize(self.device)
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.resettable = _reset_rss_peak() and self.resettable
-
-    def peak(self) -> int:
-        if self.cuda:
-            self.torch.cuda.synchronize(self.device)
-            return self.torch.cuda.max_memory_allocated(self.device)
-        return _status_kib("VmHWM") * 1024
-
-
-# --------------------------------------------------------------------------------------------
-# Worker: build one UNet, measure the forwards of one mode group at one resolution
+# Worker: build one UNet, time stock and CSA forwards in alternating pairs
 # --------------------------------------------------------------------------------------------
 
 _UNET_CACHE: dict[tuple, tuple[Any, int]] = {}
 
 
-def build_unet(model: str, dtype_name: str, device_name_: str, seed: int) -> tuple[Any, int]:
+def build_unet(model: str, dtype_name: str, device_name: str, seed: int) -> tuple[Any, int]:
     """(UNet, VAE scale factor): random weights from `seed`, eval, no grad, on the device."""
-    key = (model, dtype_name, device_name_, seed)
+    key = (model, dtype_name, device_name, seed)
     if key in _UNET_CACHE:
         return _UNET_CACHE[key]
     import torch
 
     dtype = getattr(torch, dtype_name)
-    device = torch.device(device_name_)
+    device = torch.device(device_name)
     if model == "tiny":
         from storycli.tiny import TINY_VAE_SCALE_FACTOR, build_tiny_sdxl_pipeline
 
@@ -269,14 +157,44 @@ def unet_inputs(unet: Any, batch: int, latent: int, pixels: int, dtype: Any, dev
             "text_embeds": randn(batch, text_dim),
             "time_ids": time_ids.repeat(batch, 1).to(device=device, dtype=dtype),
         },
+        "return_dict": False,
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One kind of UNet forward a story runs: what it is, and the frames it denoises."""
+
+    name: str  # "write", "read-<m>", "window"
+    frames: int  # frames per forward (CFG doubles the batch)
+
+    @property
+    def batch(self) -> int:
+        return 2 * self.frames
+
+
+def mode_kinds(mode: Mode, id_length: int, micro_batches: list[int], window: int) -> list[Kind]:
+    """The forward kinds of `mode`, in the order a story step runs them (write before reads)."""
+    if mode.window:
+        return [Kind("window", window)]
+    kinds = [Kind("write", id_length)]
+    if mode.impl == "fast":  # a read forward does not depend on impl: timed once, for csa
+        kinds += [Kind(f"read-{m}", m) for m in micro_batches]
+    return kinds
+
+
+def csa_settings(mode: Mode) -> Any:
+    """CSA in every replaced (up-block) layer at every step: the worst case."""
+    from storycli.consistency import csa
+
+    return csa.CSASettings(warmup_steps=0, prob_early=1.0, prob_late=1.0, impl=mode.impl)
+
+
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure every forward kind of one mode group (see `plan_groups`) at one resolution."""
+    """Time every forward kind of `spec["modes"]` at one resolution, stock and CSA in pairs."""
     import torch
 
-    from storycli.consistency import CSAState, csa_layers, installed_csa
+    from storycli.consistency import csa as csa_module
     from storycli.models import device_description
 
     device = torch.device(spec["device"])
@@ -286,133 +204,209 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     build_s = time.perf_counter() - t0
     pixels, r = spec["resolution"], spec["id_length"]
     latent = pixels // scale
-    inputs = {b: unet_inputs(unet, b, latent, pixels, dtype, device) for b in {2, 2 * r}}
-    memory = Memory(device)
-    baseline = memory.now()
+    inputs: dict[int, dict] = {}
     log = spec.get("log", True)
+
+    def say(text: str) -> None:
+        if log:
+            print(f"    [{pixels}px] {text}", file=sys.stderr, flush=True)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def forward(batch: int) -> float:
+    def timed(batch: int) -> tuple[float, Any]:
         sync()
         start = time.perf_counter()
-        unet(**inputs[batch])
+        out = unet(**inputs[batch])[0]
         sync()
-        return time.perf_counter() - start
-
-    def say(text: str) -> None:
-        if log:
-            print(f"    [{spec['group']} {pixels}px] {text}", file=sys.stderr, flush=True)
-
-    import hashlib
-
-    from storycli.consistency import csa as csa_module
+        return time.perf_counter() - start, out
 
     source = Path(csa_module.__file__).read_bytes()
     out: dict[str, Any] = {
         "device_name": device_description(str(device)),
         "csa_source_sha1": hashlib.sha1(source).hexdigest()[:12],
         "build_seconds": build_s,
-        "baseline_bytes": baseline,
-        "peak_metric": memory.metric,
-        "forwards": {},
         "loadavg_before": os.getloadavg(),
+        "forwards": [],
     }
-    n_runs = spec["warmup"] + spec["repeats"]
-
-    def measure(kind: str, batch: int, call: Any = None, check: Any = None) -> None:
-        memory.reset()
-        raw = []
-        for i in range(n_runs):
-            if call is not None:
-                call(i)
-            raw.append(forward(batch))
-            if check is not None:
-                check()
-            if call is not None:
-                state.end_call()
-            warm = " (warm-up)" if i < spec["warmup"] else ""
-            say(f"{kind} forward, batch {batch}: {raw[-1]:.3f} s{warm}")
-        timed = raw[spec["warmup"] :]
-        out["forwards"][kind] = {
-            "batch": batch,
-            "seconds": statistics.median(timed),
-            "raw_seconds": raw,
-            "peak_bytes": memory.peak(),
-        }
-
+    stock_processors = dict(unet.attn_processors)
     with torch.inference_mode():
-        for i in range(spec["prime"]):  # process-level first-call costs (allocator, kernels)
-            say(f"prime forward {i + 1}/{spec['prime']}: {forward(2):.3f} s (untimed)")
-
-        if spec["kind"] == "stock":
-            state = None
-            # The single-frame forward first: its peak must not include a larger earlier batch.
-            measure("single", 2)
-            if spec["need_batch"]:
-                measure("batch", 2 * r)
-        else:
-            caps = csa_capabilities()
-            mode = MODES[spec["group"]]
-            settings, bank = csa_objects(mode, caps)
-            layers = csa_layers(unet, ["up"])
-            state = CSAState(settings, layers, bank=bank) if bank else CSAState(settings, layers)
-            out["csa_settings"] = repr(settings)
-            out["bank_settings"] = repr(bank) if bank else None
-            out["csa_layers"] = len(layers)
-            if mode.window:
-                from storycli.consistency.csa import windowed_unet
-
-                w = spec["window"]
-                inputs[2 * w] = unet_inputs(unet, 2 * w, latent, pixels, dtype, device)
-                # Bytes a story holds per extra frame and CFG group for a windowed call: its
-                # inputs, plus the wrapper's accumulated and averaged predictions.
-                row = sum(
-                    t[0].numel() * t.element_size()
-                    for t in (*inputs[2].values(), *inputs[2]["added_cond_kwargs"].values())
-                    if isinstance(t, torch.Tensor) and t.ndim
-                )
-                out["window_row_bytes"] = row + 2 * inputs[2]["sample"][0].numel() * (
-                    inputs[2]["sample"].element_size()
-                )
-
-                def window(i: int) -> None:
-                    state.begin_call("window", n_images=w, seed=spec["seed"] + i)
-
-                def drew_tokens() -> None:
-                    # Sanity check on private state (skipped if it is renamed): CSA engaged.
-                    if getattr(state, "_draws", None) == {}:
-                        raise RuntimeError("the window forward drew no tokens: CSA did not engage")
-
-                # frames == window: exactly one window forward, through the production wrapper.
-                with installed_csa(unet, state), windowed_unet(unet, state, w, w, spec["stride"]):
-                    measure("window", 2 * w, window, check=drew_tokens)
-                    out["bank_bytes_per_step"] = state.bank_bytes()
-                out["loadavg_after"] = os.getloadavg()
-                out["rss_peak_resettable"] = memory.resettable
-                out["worker_seconds"] = time.perf_counter() - t0
-                return out
-            with installed_csa(unet, state):
-
-                def write(i: int) -> None:
-                    state.begin_call("write", n_images=r, seed=spec["seed"] + i, character="A")
-
-                def read(i: int) -> None:
-                    state.begin_call(
-                        "read", n_images=1, seed=spec["seed"] + 100 + i, read_characters=["A"]
+        for name in spec["modes"]:
+            mode = MODES[name]
+            kinds = mode_kinds(mode, r, spec["micro_batches"], spec["window"])
+            for kind in kinds:
+                if kind.batch not in inputs:
+                    inputs[kind.batch] = unet_inputs(
+                        unet, kind.batch, latent, pixels, dtype, device
                     )
-
-                measure("write", 2 * r, write)
-                out["bank_bytes_per_step"] = state.bank_bytes()
-                if out["bank_bytes_per_step"] <= 0:
-                    raise RuntimeError("the write forward banked nothing: CSA did not engage")
-                measure("read", 2, read)  # with the bank of one step resident
-    out["rss_peak_resettable"] = memory.resettable
+            samples, bank = time_pairs(unet, mode, kinds, spec, timed, stock_processors, say)
+            out["forwards"] += [
+                summarize(name, kind, samples[kind.name], spec["warmup"], bank) for kind in kinds
+            ]
     out["loadavg_after"] = os.getloadavg()
     out["worker_seconds"] = time.perf_counter() - t0
     return out
+
+
+def time_pairs(
+    unet: Any,
+    mode: Mode,
+    kinds: list[Kind],
+    spec: dict[str, Any],
+    timed: Any,
+    stock_processors: dict[str, Any],
+    say: Any,
+) -> tuple[dict[str, dict[str, list[float]]], int]:
+    """Every round: each kind's stock and CSA forwards back to back (order alternating between
+    rounds), then the step's bank dropped, as the story loop does. Returns the seconds of every
+    forward by kind and side, and the largest bank of one step."""
+    import torch
+
+    from storycli.consistency import CSAState, csa_layers, installed_csa
+    from storycli.consistency.csa import windowed_unet
+
+    r, rounds = spec["id_length"], spec["warmup"] + spec["repeats"]
+    state = CSAState(csa_settings(mode), csa_layers(unet, ["up"]))
+    samples: dict[str, dict[str, list[float]]] = {k.name: {"stock": [], "csa": []} for k in kinds}
+
+    def stock(kind: Kind) -> tuple[float, Any]:
+        # diffusers' own processors; CSA's hooks stay registered, but with no call entered
+        # they only advance an unused step counter.
+        unet.set_attn_processor(dict(stock_processors))
+        return timed(kind.batch)
+
+    def consistent(kind: Kind, n: int) -> tuple[float, Any]:
+        unet.set_attn_processor(dict(csa_processors))
+        seed = spec["seed"] + 1000 * n
+        if kind.name == "write":
+            streams = [state.open_call("write", r, seed, character="A")]
+        elif kind.name == "window":
+            streams = [state.open_call("window", kind.frames, seed)]
+        else:  # a micro-batch of one-frame read calls, each with its own draws
+            streams = [
+                state.open_call("read", 1, seed + j, read_characters=["A"])
+                for j in range(kind.frames)
+            ]
+        state.enter(streams)
+        if kind.name == "window":  # frames == window: exactly one window forward
+            with windowed_unet(unet, state, kind.frames, kind.frames, spec["stride"]):
+                result = timed(kind.batch)
+        else:
+            result = timed(kind.batch)
+        state.leave()
+        return result
+
+    with installed_csa(unet, state):
+        csa_processors = dict(unet.attn_processors)
+        for n in range(rounds):
+            order = ("csa", "stock") if n % 2 else ("stock", "csa")
+            warm = " (warm-up)" if n < spec["warmup"] else ""
+            for kind in kinds:
+                pair = {}
+                for side in order:
+                    pair[side] = stock(kind) if side == "stock" else consistent(kind, n)
+                    samples[kind.name][side].append(pair[side][0])
+                if torch.equal(pair["stock"][1], pair["csa"][1]):
+                    raise RuntimeError(f"{mode.name} {kind.name}: CSA did not engage")
+                say(
+                    f"{mode.name} {kind.name} (batch {kind.batch}) round {n + 1}/{rounds}: "
+                    f"stock {pair['stock'][0]:.3f} s, CSA {pair['csa'][0]:.3f} s{warm}"
+                )
+            state.drop_step(0)  # every kind of this round ran at its calls' step 0
+    return samples, state.peak_bank_bytes
+
+
+def summarize(
+    mode: str, kind: Kind, samples: dict[str, list[float]], warmup: int, bank: int
+) -> dict[str, Any]:
+    """One forward kind's record: every sample, medians and ratios of the timed rounds."""
+    stock, csa = samples["stock"][warmup:], samples["csa"][warmup:]
+    pairs = [c / s for c, s in zip(csa, stock, strict=True)]
+    return {
+        "mode": mode,
+        "kind": kind.name,
+        "frames_per_forward": kind.frames,
+        "batch": kind.batch,
+        "stock_seconds": statistics.median(stock),
+        "csa_seconds": statistics.median(csa),
+        "ratio": statistics.median(pairs),
+        "ratio_of_medians": statistics.median(csa) / statistics.median(stock),
+        "pair_ratios": pairs,
+        "raw_seconds": samples,  # every round, warm-up first
+        "warmup": warmup,
+        "bank_bytes_per_step": bank if kind.name == "write" else 0,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Story composition
+# --------------------------------------------------------------------------------------------
+
+
+def read_chunks(reads: int, micro_batch: int) -> list[int]:
+    """The sizes of the read forwards of `reads` frames in micro-batches (the last may be
+    smaller), as `storycli.keyframes.story_chunks` groups them."""
+    full, rest = divmod(reads, micro_batch)
+    return [micro_batch] * full + ([rest] if rest else [])
+
+
+def compose(
+    forwards: dict[str, dict[str, Any]], mode: str, frames: int, micro_batch: int, args: Any
+) -> dict[str, Any] | None:
+    """A story's step totals (stock and CSA) from the per-kind medians of `mode`."""
+    counts: dict[str, int] = {}
+    scaled = []
+    if MODES[mode].window:
+        from storycli.consistency.csa import window_starts
+
+        window = forwards.get("window")
+        if window is None:
+            return None
+        n = len(window_starts(frames, args.window, args.stride))
+        csa = n * window["csa_seconds"]
+        # Stock denoises every frame once, in batches of W.
+        stock = frames / args.window * window["stock_seconds"]
+        counts = {"window": n}
+    else:
+        write = forwards.get("write")
+        if write is None or f"read-{micro_batch}" not in forwards:
+            return None  # reads not timed in this mode
+        stock, csa = write["stock_seconds"], write["csa_seconds"]
+        counts["write"] = 1
+        for size in read_chunks(frames - args.id_length, micro_batch):
+            rec = forwards.get(f"read-{size}")
+            factor = 1.0
+            if rec is None:  # an unmeasured remainder: scaled from the micro-batch's time
+                rec, factor = forwards[f"read-{micro_batch}"], size / micro_batch
+                scaled.append(size)
+            stock += factor * rec["stock_seconds"]
+            csa += factor * rec["csa_seconds"]
+            counts[f"read-{size}"] = counts.get(f"read-{size}", 0) + 1
+    return {
+        "mode": mode,
+        "frames": frames,
+        "micro_batch": None if MODES[mode].window else micro_batch,
+        "forward_count": counts,
+        "stock_seconds_per_image_step": stock / frames,
+        "csa_seconds_per_image_step": csa / frames,
+        "ratio": csa / stock,
+        "notes": f"remainder read forwards of {scaled} frames scaled from read-{micro_batch}"
+        if scaled
+        else "",
+    }
+
+
+COMPOSITION = (
+    "Per denoising step, a story of F frames with R reference frames runs: CSA reference mode: "
+    "one write forward (batch 2R) + the F-R read frames in micro-batches of m: ceil((F-R)/m) "
+    "read forwards of batch 2m (the last one smaller when m does not divide F-R); stock: the "
+    "same forwards with diffusers' attention. Window mode: one forward of batch 2W per window "
+    "(windows of W frames every S frames, the last one ending on the last frame), against stock "
+    "denoising every frame once in batches of W. Each forward kind is timed in stock/CSA pairs "
+    "(same inputs, back to back, order alternating between rounds); story totals are composed "
+    "from the per-kind medians. seconds per image-step = story-step total / F."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,71 +415,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one worker in a fresh Python process, so its peak memory is its own."""
+    """Run one worker in a fresh Python process (no heap or caches from earlier work)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_path)]
         proc = subprocess.run([*cmd, str(result_path)], check=False)
         if proc.returncode != 0 or not result_path.exists():
-            raise RuntimeError(f"worker for {spec['group']} @ {spec['resolution']} failed")
+            raise RuntimeError(f"worker at {spec['resolution']} px failed")
         return json.loads(result_path.read_text())
-
-
-def plan_groups(modes: list[str]) -> list[tuple[str, list[str], dict[str, Any]]]:
-    """Worker groups: (group name, modes it serves, extra spec). Stock modes share one worker."""
-    groups: list[tuple[str, list[str], dict[str, Any]]] = []
-    stock = [m for m in modes if MODES[m].kind == "stock"]
-    if stock:
-        groups.append(("stock", stock, {"kind": "stock", "need_batch": "stock" in stock}))
-    groups += [(m, [m], {"kind": "csa"}) for m in modes if MODES[m].kind == "csa"]
-    return groups
-
-
-def compose(
-    mode: Mode, measured: dict[str, Any], frames: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Story totals for `frames` frames from per-forward medians (one record's numbers)."""
-    r, steps, cuda = args.id_length, args.steps, args.device == "cuda"
-    fw = measured["forwards"]
-    extra: dict[str, Any] = {}
-    if mode.window:
-        from storycli.consistency.csa import window_starts
-
-        counts = {"window": len(window_starts(frames, args.window, args.stride))}
-        extra = {"window": args.window, "stride": args.stride}
-    elif mode.name == "stock-single":
-        counts = {"single": frames}
-    elif mode.kind == "stock":
-        counts = {"batch": 1, "single": frames - r}
-    else:
-        counts = {"write": 1, "read": frames - r}
-    counts = {k: n for k, n in counts.items() if n > 0}
-    total = sum(fw[k]["seconds"] * n for k, n in counts.items())
-    peak = max(fw[k]["peak_bytes"] for k in counts)
-    bank_step = measured.get("bank_bytes_per_step", 0)
-    projected_bank = bank_step * banked_steps(steps)
-    bank_on_measured_device = not (cuda and mode.placement == "cpu")
-    projected_peak = peak + (projected_bank - bank_step if bank_on_measured_device else 0)
-    if mode.window:  # the windowed call holds every frame's inputs and predictions
-        projected_peak += 2 * max(0, frames - args.window) * measured["window_row_bytes"]
-    return {
-        **extra,
-        "seconds_per_image_step": total / frames,
-        "seconds_per_story_step": total,
-        "seconds_per_forward": {k: fw[k]["seconds"] for k in counts},
-        "forward_batch": {k: fw[k]["batch"] for k in counts},
-        "forward_count": counts,
-        "raw_seconds": {k: fw[k]["raw_seconds"] for k in counts},
-        "peak_bytes": peak,
-        "peak_bytes_by_forward": {k: fw[k]["peak_bytes"] for k in counts},
-        "baseline_bytes": measured["baseline_bytes"],
-        "peak_over_baseline_bytes": peak - measured["baseline_bytes"],
-        "bank_bytes_per_step": bank_step,
-        "projected_bank_bytes": projected_bank,
-        "projected_peak_bytes": projected_peak,
-        "bank_on_measured_device": bank_on_measured_device if mode.kind == "csa" else None,
-    }
 
 
 def default_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -493,11 +431,10 @@ def default_args(args: argparse.Namespace) -> argparse.Namespace:
     quick = args.quick
     defaults = {
         "resolutions": [64] if quick else ([768, 1024] if cuda else [512]),
-        "frames": [4, 8] if quick or not cuda else [4, 8, 16, 32, 64, 100],
+        "frames": [4, 8] if quick else ([4, 8, 16, 32, 64, 100] if cuda else [4, 8, 16, 100]),
         "dtype": "float32" if quick else ("float16" if cuda else "bfloat16"),
         "repeats": 2 if quick or not cuda else 5,
         "warmup": 1 if quick or not cuda else 2,
-        "prime": 0 if quick else 1,
         "isolate": "none" if quick else "process",
     }
     for key, value in defaults.items():
@@ -508,6 +445,8 @@ def default_args(args: argparse.Namespace) -> argparse.Namespace:
     bad = [f for f in args.frames if f < args.id_length]
     if bad:
         raise SystemExit(f"--frames {bad} are shorter than --id-length {args.id_length}")
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
     return args
 
 
@@ -515,35 +454,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Defaults depend on --device (cpu: 512², frames 4 8, bf16, 1 warm-up + 2 repeats; "
-        "cuda: 768² 1024², frames 4 … 100, fp16, 2 warm-up + 5 repeats).",
+        epilog="Defaults depend on --device (cpu: 512², bf16, 1 warm-up + 2 timed rounds; "
+        "cuda: 768² 1024², fp16, 2 warm-up + 5 timed rounds).",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--resolutions", type=int, nargs="+", help="square image sizes in pixels")
-    p.add_argument("--frames", type=int, nargs="+", help="story lengths")
+    p.add_argument("--frames", type=int, nargs="+", help="story lengths to compose")
     p.add_argument("--id-length", type=int, default=4, help="reference frames per character (R)")
-    p.add_argument("--modes", nargs="+", choices=list(MODES), help="default: all")
-    p.add_argument("--repeats", type=int, help="timed forwards per kind (median is reported)")
-    p.add_argument("--warmup", type=int, help="untimed forwards per kind before the timed ones")
-    p.add_argument("--prime", type=int, help="untimed plain forwards per worker process first")
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4],
+        help="read frames per forward (the story loop's frame_batch) to time",
+    )
+    p.add_argument(
+        "--modes", nargs="+", choices=[*MODES, *REMOVED], help=f"default: {' '.join(MODES)}"
+    )
+    p.add_argument("--repeats", type=int, help="timed rounds (the median is reported)")
+    p.add_argument("--warmup", type=int, help="untimed rounds first")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--window", type=int, default=4, help="window mode: frames per window")
     p.add_argument("--stride", type=int, default=2, help="window mode: frames between windows")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps, for the bank projection")
     p.add_argument("--seed", type=int, default=0, help="weights and CSA draws")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--quick", action="store_true", help="tiny UNet at 64 px: a smoke test")
     p.add_argument(
         "--isolate",
         choices=["process", "none"],
-        help="process (default): each mode in a fresh process, so peak memory is its own; "
-        "none: one process (default for --quick)",
+        help="process (default): each resolution in a fresh process; none: in this process "
+        "(default for --quick)",
     )
     p.add_argument(
-        "--report",
-        type=Path,
-        metavar="JSON",
-        help="only rewrite the .md and .png of a results .json",
+        "--report", type=Path, metavar="JSON", help="only rewrite the .md and .png of a .json"
     )
     p.add_argument(
         "--merge",
@@ -577,105 +520,96 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    caps = csa_capabilities()
     date = dt.date.today().isoformat()
     stem = f"{args.device}-quick-{date}" if args.quick else f"{args.device}-{date}"
     if not args.merge:
         args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model = "tiny" if args.quick else "sdxl"
-
-    runnable = [m for m in args.modes if unavailable_reason(MODES[m], caps) is None]
-    skipped = {m: unavailable_reason(MODES[m], caps) for m in args.modes if m not in runnable}
+    modes = [m for m in args.modes if m in MODES]
+    skipped = {m: REMOVED[m] for m in args.modes if m in REMOVED}
     for m, why in skipped.items():
         print(f"skip {m}: {why}", file=sys.stderr)
-    measured: dict[tuple[str, int], dict[str, Any]] = {}
-    device_label = None
-    workers: list[dict[str, Any]] = []
-    for res in args.resolutions:
-        for group, served, extra in plan_groups(runnable):
-            spec = {
-                "group": group,
-                "device": args.device,
-                "dtype": args.dtype,
-                "model": model,
-                "resolution": res,
-                "id_length": args.id_length,
-                "warmup": args.warmup,
-                "repeats": args.repeats,
-                "prime": args.prime,
-                "seed": args.seed,
-                "window": args.window,
-                "stride": args.stride,
-                **extra,
-            }
-            t = time.perf_counter()
-            print(f"== {group} ({', '.join(served)}) at {res}px", file=sys.stderr, flush=True)
-            result = run_isolated(spec) if args.isolate == "process" else run_worker(spec)
-            print(f"   done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-            device_label = result["device_name"]
-            workers.append(
-                {
-                    "group": group,
-                    "resolution": res,
-                    "seconds": time.perf_counter() - t,
-                    "build_seconds": result["build_seconds"],
-                    "loadavg_before": result["loadavg_before"],
-                    "loadavg_after": result["loadavg_after"],
-                }
-            )
-            for m in served:
-                measured[(m, res)] = result
 
-    common = {
-        "device_name": device_label or device_description(args.device),
-        "device": args.device,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "date": date,
-        "model": "tiny (storycli.tiny, random weights)"
-        if args.quick
-        else "SDXL base UNet architecture (benchmarks/sdxl_unet_config.json), random weights",
-        "dtype": args.dtype,
-        "id_length": args.id_length,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "prime": args.prime,
-        "isolation": args.isolate,
-    }
-    records = []
+    forwards: list[dict[str, Any]] = []
+    workers: list[dict[str, Any]] = []
+    device_label = None
     for res in args.resolutions:
-        for m in args.modes:
-            mode = MODES[m]
+        spec = {
+            "device": args.device,
+            "dtype": args.dtype,
+            "model": model,
+            "resolution": res,
+            "id_length": args.id_length,
+            "micro_batches": args.micro_batches,
+            "modes": modes,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "window": args.window,
+            "stride": args.stride,
+        }
+        t = time.perf_counter()
+        print(f"== {', '.join(modes)} at {res}px", file=sys.stderr, flush=True)
+        result = run_isolated(spec) if args.isolate == "process" else run_worker(spec)
+        print(f"   done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        device_label = result["device_name"]
+        workers.append(
+            {
+                "resolution": res,
+                "seconds": time.perf_counter() - t,
+                "build_seconds": result["build_seconds"],
+                "loadavg_before": result["loadavg_before"],
+                "loadavg_after": result["loadavg_after"],
+                "csa_source_sha1": result["csa_source_sha1"],
+            }
+        )
+        forwards += [{**f, "resolution": res} for f in result["forwards"]]
+
+    stories = []
+    for res in args.resolutions:
+        for mode in modes:
+            by_kind = {
+                f["kind"]: f for f in forwards if f["resolution"] == res and f["mode"] == mode
+            }
             for frames in args.frames:
-                rec = {**common, "mode": m, "frames": frames, "resolution": res}
-                if m in skipped:
-                    rec.update(status="skipped", notes=skipped[m])
-                    records.append(rec)
-                    continue
-                result = measured[(m, res)]
-                rec.update(status="ok", **compose(mode, result, frames, args))
-                rec["peak_metric"] = result["peak_metric"]
-                rec["csa_settings"] = result.get("csa_settings")
-                rec["bank_settings"] = result.get("bank_settings")
-                rec["loadavg"] = [result["loadavg_before"], result["loadavg_after"]]
-                rec["csa_source_sha1"] = result["csa_source_sha1"]
-                rec["notes"] = notes_for(mode, result, frames, args)
-                records.append(rec)
+                # Window mode has no micro-batches; a story of references only has no reads.
+                batches = args.micro_batches if frames > args.id_length else args.micro_batches[:1]
+                for m in [None] if MODES[mode].window else batches:
+                    rec = compose(by_kind, mode, frames, m or 1, args)
+                    if rec is not None:
+                        stories.append({**rec, "resolution": res})
 
     payload = {
         "meta": {
-            **common,
+            "device_name": device_label or device_description(args.device),
+            "device": args.device,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+            "date": date,
+            "model": "tiny (storycli.tiny, random weights)"
+            if args.quick
+            else "SDXL base UNet architecture (benchmarks/sdxl_unet_config.json), random weights",
+            "dtype": args.dtype,
+            "id_length": args.id_length,
+            "micro_batches": args.micro_batches,
+            "window": args.window,
+            "stride": args.stride,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "isolation": args.isolate,
+            "csa_settings": "warmup_steps=0, prob_early=prob_late=1.0: CSA in every up-block "
+            "self-attention layer at every step (the worst case)",
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
             "wall_seconds": time.perf_counter() - started,
-            "modes": {m: MODES[m].description for m in args.modes},
+            "modes": {m: MODES[m].description for m in modes},
             "skipped": skipped,
             "workers": workers,
             "composition": COMPOSITION,
         },
-        "records": records,
+        "forwards": forwards,
+        "stories": stories,
     }
     json_path = args.out / f"{stem}.json"
     if args.merge:
@@ -693,69 +627,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """`old` results with the (mode, resolution) pairs measured in `new` replaced by new ones."""
-    fresh = {(r["mode"], r["resolution"]) for r in new["records"]}
-    records = [r for r in old["records"] if (r["mode"], r["resolution"]) not in fresh]
-    records += new["records"]
+    fresh = {(r["mode"], r["resolution"]) for r in new["forwards"]}
     order = list(MODES)
-    records.sort(key=lambda r: (r["resolution"], order.index(r["mode"]), r["frames"]))
+
+    def combined(key: str, sort: Any) -> list[dict[str, Any]]:
+        kept = [r for r in old[key] if (r["mode"], r["resolution"]) not in fresh]
+        return sorted(kept + new[key], key=sort)
+
     om, nm = old["meta"], new["meta"]
-    measured_now = {m for m, _ in fresh if m not in nm["skipped"]}
     meta = {
         **om,
         "command": f"{om['command']} && {nm['command']}",
         "wall_seconds": om["wall_seconds"] + nm["wall_seconds"],
         "modes": {**om["modes"], **nm["modes"]},
-        "skipped": {
-            **{m: why for m, why in om["skipped"].items() if m not in measured_now},
-            **nm["skipped"],
-        },
+        "skipped": {**om["skipped"], **nm["skipped"]},
         "workers": om["workers"] + nm["workers"],
         "composition": nm["composition"],
     }
-    return {"meta": meta, "records": records}
-
-
-COMPOSITION = (
-    "Per denoising step, a story of F frames with R reference frames runs: CSA reference mode: "
-    "one write forward (batch 2R) + (F-R) read forwards (batch 2); CSA window mode: one forward "
-    "of batch 2W per window (windows of W frames every S frames, the last one ending on the last "
-    "frame); stock: one forward of batch 2R + (F-R) of batch 2; stock-single: F forwards of "
-    "batch 2. Each forward kind is measured (median of repeats after warm-up) and story totals "
-    "are composed from those medians: read frames, and windows, are identical work. "
-    "seconds_per_image_step = story-step total / F. peak_bytes is the peak over the forwards the "
-    "story uses, with one step's bank resident during reads; projected_bank_bytes = "
-    "bank_bytes_per_step x the steps production CSA banks (steps - warmup_steps); "
-    "projected_peak_bytes adds the rest of that bank when it lives in the measured memory, and "
-    "in window mode the inputs and predictions of the frames beyond one window."
-)
-
-
-def notes_for(mode: Mode, result: dict[str, Any], frames: int, args: argparse.Namespace) -> str:
-    parts = []
-    reads = frames - args.id_length
-    if mode.window:
-        from storycli.consistency.csa import window_starts
-
-        n = len(window_starts(frames, args.window, args.stride))
-        parts.append(
-            f"composed: {n} window forwards (batch {2 * args.window}) = {n} x the measured median; "
-            f"projected peak adds the inputs and predictions of the {max(0, frames - args.window)} "
-            "frames beyond one window (the windowed call holds all of them)"
-        )
-    elif reads > 1:
-        what = "read" if mode.kind == "csa" else "batch-2"
-        parts.append(f"composed: {reads} {what} forwards = {reads} x the measured median")
-    if args.device == "cpu":
-        parts.append("peak = process RSS high-water (VmHWM, reset per forward kind)")
-        if not result.get("rss_peak_resettable", True):
-            parts.append("VmHWM could not be reset: peak is since process start")
-        if args.isolate == "none":
-            parts.append("one process for all modes: RSS peaks may reuse freed memory")
-    if mode.placement == "cpu" and args.device == "cpu":
-        parts.append("bank placement cpu is the device itself here")
-    if mode.placement == "cpu" and args.device == "cuda":
-        parts.append("bank in pinned host memory; projected_bank_bytes is host memory")
-    return "; ".join(parts)
+    return {
+        "meta": meta,
+        "forwards": combined("forwards", lambda r: (r["resolution"], order.index(r["mode"]))),
+        "stories": combined(
+            "stories",
+            lambda r: (r["resolution"], order.index(r["mode"]), r["frames"], r["micro_batch"] or 0),
+        ),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,161 +659,131 @@ def notes_for(mode: Mode, result: dict[str, Any], frames: int, args: argparse.Na
 # --------------------------------------------------------------------------------------------
 
 
-def _ok(records: list[dict], **match: Any) -> dict | None:
-    for rec in records:
-        if rec["status"] == "ok" and all(rec[k] == v for k, v in match.items()):
-            return rec
+def _mark(value: float, limit: float) -> str:
+    return f"{value:.3f} {'✅' if value <= limit else '❌'}"
+
+
+def target_of(kind: str) -> float | None:
+    if kind == "write":
+        return TARGETS["write"]
+    if kind.startswith("read-"):
+        return TARGETS["read"]
     return None
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.3f}" if a is not None and b else "—"
-
-
 def markdown(payload: dict[str, Any]) -> str:
-    meta, records = payload["meta"], payload["records"]
+    meta, forwards, stories = payload["meta"], payload["forwards"], payload["stories"]
     lines = [
         f"# CSA benchmark — {meta['device']} — {meta['date']}",
         "",
         f"- device: {meta['device_name']}",
         f"- torch {meta['torch']}, diffusers {meta['diffusers']}, python {meta['python']}",
         f"- model: {meta['model']}, {meta['dtype']}",
-        f"- id_length (R) {meta['id_length']}; {meta['repeats']} timed repeats after "
-        f"{meta['warmup']} warm-up per forward kind ({meta['prime']} priming forward per "
-        f"process); isolation: {meta['isolation']}; wall time {meta['wall_seconds']:.0f} s",
+        f"- id_length (R) {meta['id_length']}; read micro-batches {meta['micro_batches']}; "
+        f"{meta['repeats']} timed rounds after {meta['warmup']} warm-up round(s), stock and CSA "
+        f"alternating in one process per resolution; wall time {meta['wall_seconds']:.0f} s",
         f"- command: `{meta['command']}`",
-        f"- CSA settings: every replaced (up-block) self-attention layer applies CSA at every "
-        f"step (warmup_steps=0, prob 1.0: the worst case); projections use {meta['steps']} "
-        "steps",
+        f"- CSA settings: {meta['csa_settings']}",
         "",
         meta["composition"],
         "",
         "Modes: " + "; ".join(f"**{m}** — {d}" for m, d in meta["modes"].items()) + ".",
         "",
     ]
-    if meta["workers"]:
-        lines.append(
-            "Worker processes (1-minute load average before → after each; load beyond the "
-            "worker's own threads means other work competed for the CPUs):"
-        )
-        lines.append("")
-        for w in meta["workers"]:
-            lines.append(
-                f"- {w['group']} @ {w['resolution']}px: {w['seconds']:.0f} s "
-                f"(UNet build {w['build_seconds']:.0f} s), load "
-                f"{w['loadavg_before'][0]:.2f} → {w['loadavg_after'][0]:.2f}"
-            )
-        lines.append("")
     for m, why in meta["skipped"].items():
         lines.append(f"- **{m}** skipped: {why}")
     if meta["skipped"]:
         lines.append("")
-    steps = meta["steps"]
-    resolutions = sorted({r["resolution"] for r in records})
-    for res in resolutions:
+    if meta["workers"]:
+        lines.append(
+            "Worker processes (1-minute load average before → after; load beyond the worker's "
+            "own threads means other work competed for the CPUs):"
+        )
+        lines.append("")
+        for w in meta["workers"]:
+            lines.append(
+                f"- {w['resolution']}px: {w['seconds']:.0f} s (UNet build "
+                f"{w['build_seconds']:.0f} s), load {w['loadavg_before'][0]:.2f} → "
+                f"{w['loadavg_after'][0]:.2f}"
+            )
+        lines.append("")
+    for res in sorted({f["resolution"] for f in forwards}):
         lines += [
             f"## {res}×{res}",
             "",
-            "| mode | frames | s / image-step | × stock | × stock-single | peak GiB | × stock "
-            f"| projected {steps}-step story peak GiB | × stock | bank MiB / step |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "Per forward (median seconds of the timed rounds; × stock = median of the pairs' "
+            "ratios, then the ratio of the medians):",
+            "",
+            "| mode | forward | batch | stock s | CSA s | × stock | ratio of medians "
+            "| pair ratios | target |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|",
         ]
-        for rec in records:
-            if rec["resolution"] != res or rec["status"] != "ok":
+        for f in forwards:
+            if f["resolution"] != res:
                 continue
-            stock = _ok(records, mode="stock", frames=rec["frames"], resolution=res)
-            single = _ok(records, mode="stock-single", frames=rec["frames"], resolution=res)
-            s = rec["seconds_per_image_step"]
+            limit = target_of(f["kind"])
+            pairs = ", ".join(f"{p:.3f}" for p in f["pair_ratios"])
             lines.append(
-                f"| {rec['mode']} | {rec['frames']} | {s:.4g} "
-                f"| {_ratio(s, stock and stock['seconds_per_image_step'])} "
-                f"| {_ratio(s, single and single['seconds_per_image_step'])} "
-                f"| {rec['peak_bytes'] / GIB:.3f} "
-                f"| {_ratio(rec['peak_bytes'], stock and stock['peak_bytes'])} "
-                f"| {rec['projected_peak_bytes'] / GIB:.3f} "
-                f"| {_ratio(rec['projected_peak_bytes'], stock and stock['peak_bytes'])} "
-                f"| {rec['bank_bytes_per_step'] / MIB:.1f} |"
+                f"| {f['mode']} | {f['kind']} | {f['batch']} | {f['stock_seconds']:.4g} "
+                f"| {f['csa_seconds']:.4g} | {f['ratio']:.3f} | {f['ratio_of_medians']:.3f} "
+                f"| {pairs} | {_mark(f['ratio'], limit) if limit else '—'} |"
             )
+        banks = [f["bank_bytes_per_step"] for f in forwards if f["resolution"] == res]
+        if any(banks):
+            lines += ["", f"Bank of one step (keys and values): {max(banks) / MIB:.1f} MiB."]
         lines += [
             "",
-            "Per forward (median seconds; peak over that forward kind; baseline = memory once "
-            "the UNet is built — read forwards run after the write, with its bank resident):",
+            "Per story (composed; micro-batch m = the story loop's `frame_batch`):",
             "",
+            "| mode | frames | micro-batch | stock s / image-step | CSA s / image-step "
+            "| × stock | target |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        lines += ["| mode | forward | batch | seconds | peak GiB | over baseline MiB |"]
-        lines += ["|---|---|---:|---:|---:|---:|"]
-        seen = set()
-        for rec in records:
-            if rec["resolution"] != res or rec["status"] != "ok":
+        for s in stories:
+            if s["resolution"] != res:
                 continue
-            for kind, sec in rec["seconds_per_forward"].items():
-                key = (rec["mode"] if rec["mode"] != "stock-single" else "stock", kind)
-                if key in seen:
-                    continue
-                seen.add(key)
-                peak = rec["peak_bytes_by_forward"][kind]
-                lines.append(
-                    f"| {key[0]} | {kind} | {rec['forward_batch'][kind]} | {sec:.4g} "
-                    f"| {peak / GIB:.3f} | {(peak - rec['baseline_bytes']) / MIB:.0f} |"
-                )
+            m = "—" if s["micro_batch"] is None else s["micro_batch"]
+            target = _mark(s["ratio"], TARGETS["story"]) if s["mode"] != "csa-window" else "—"
+            lines.append(
+                f"| {s['mode']} | {s['frames']} | {m} | {s['stock_seconds_per_image_step']:.4g} "
+                f"| {s['csa_seconds_per_image_step']:.4g} | {s['ratio']:.3f} | {target} |"
+            )
         lines.append("")
-    lines += targets(records, meta)
+    lines += targets(forwards, stories)
     return "\n".join(lines) + "\n"
 
 
-def targets(records: list[dict], meta: dict[str, Any]) -> list[str]:
-    """The issue's targets, checked where measured."""
+def targets(forwards: list[dict], stories: list[dict]) -> list[str]:
+    """The issue's time targets for `csa`, checked where measured."""
     lines = [
         "## Targets",
         "",
-        f"CSA (id_length {meta['id_length']}, {meta['steps']} steps) against `stock` with the "
-        "same batching, at the largest story length measured. Memory: the measured one-step "
-        "peak, and the projected whole-story peak (reference mode: every step banked; window "
-        "mode: every frame's inputs held).",
+        f"Time per image, CSA / stock: write ≤ {TARGETS['write']}, read ≤ {TARGETS['read']}, "
+        f"whole story ≤ {TARGETS['story']} (mode `csa`; stories at the longest length measured "
+        "and at 8 frames).",
         "",
-        "| resolution | mode | frames | time × stock (≤ 1.15) | peak × stock (≤ 1.10) "
-        "| projected peak × stock (≤ 1.10) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| resolution | what | micro-batch | × stock | target |",
+        "|---:|---|---:|---:|---:|",
     ]
-
-    def mark(value: float, limit: float) -> str:
-        return f"{value:.3f} {'✅' if value <= limit else '❌'}"
-
-    for res in sorted({r["resolution"] for r in records}):
-        frames = max((r["frames"] for r in records if r["resolution"] == res), default=0)
-        stock = _ok(records, mode="stock", frames=frames, resolution=res)
-        for m in ("csa", "csa-bank-cpu", "csa-window"):
-            rec = _ok(records, mode=m, frames=frames, resolution=res)
-            if not rec or not stock:
+    for res in sorted({f["resolution"] for f in forwards}):
+        for f in forwards:
+            if f["resolution"] != res or f["mode"] != "csa":
                 continue
-            t = rec["seconds_per_image_step"] / stock["seconds_per_image_step"]
-            p = rec["peak_bytes"] / stock["peak_bytes"]
-            pp = rec["projected_peak_bytes"] / stock["peak_bytes"]
+            limit = target_of(f["kind"])
+            m = f["frames_per_forward"] if f["kind"] != "write" else "—"
             lines.append(
-                f"| {res} | {m} | {frames} | {mark(t, 1.15)} | {mark(p, 1.10)} | {mark(pp, 1.10)} |"
+                f"| {res} | {f['kind'].split('-')[0]} forward | {m} | {f['ratio']:.3f} "
+                f"| {_mark(f['ratio'], limit)} |"
             )
-    lines.append("")
-    why = {
-        "csa": "by construction, not a separate measurement: both stories run the same "
-        "forwards (read frames are separate batch-2 forwards sharing one bank); the bank grows "
-        "with steps, not frames",
-        "csa-window": "projected: one window's measured peak plus every extra frame's inputs "
-        "and predictions, which the windowed call holds",
-    }
-    for m, note in why.items():
-        done = [r for r in records if r["status"] == "ok" and r["mode"] == m]
-        for res in sorted({r["resolution"] for r in done}):
-            by_frames = {r["frames"]: r for r in done if r["resolution"] == res}
-            if 8 in by_frames and 100 in by_frames:
-                ratio = (
-                    by_frames[100]["projected_peak_bytes"] / by_frames[8]["projected_peak_bytes"]
-                )
-                lines.append(
-                    f"- {m} {res}²: 100-frame story peak / 8-frame peak = {ratio:.3f} (≤ 1.05 "
-                    f"{'✅' if ratio <= 1.05 else '❌'}); {note}."
-                )
-            else:
-                lines.append(f"- {m} {res}²: 100 vs 8 frames not measured (needs --frames 8 100)")
+        mine = [s for s in stories if s["resolution"] == res and s["mode"] == "csa"]
+        lengths = sorted({s["frames"] for s in mine})
+        for frames in sorted({x for x in lengths if x == 8} | set(lengths[-1:])):
+            for s in mine:
+                if s["frames"] == frames:
+                    lines.append(
+                        f"| {res} | {frames}-frame story | {s['micro_batch']} | {s['ratio']:.3f} "
+                        f"| {_mark(s['ratio'], TARGETS['story'])} |"
+                    )
     lines.append("")
     return lines
 
@@ -931,48 +797,31 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
-    meta, records = payload["meta"], payload["records"]
-    ok = [r for r in records if r["status"] == "ok"]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
-    series = sorted({(r["mode"], r["resolution"]) for r in ok}, key=lambda s: (s[1], s[0]))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (mode, res) in enumerate(series):
+    meta, stories = payload["meta"], payload["stories"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = sorted({(s["mode"], s["resolution"], s["micro_batch"] or 0) for s in stories})
+    for mode, res, m in series:
         rows = sorted(
-            (r for r in ok if (r["mode"], r["resolution"]) == (mode, res)),
-            key=lambda r: r["frames"],
+            (
+                s
+                for s in stories
+                if (s["mode"], s["resolution"], s["micro_batch"] or 0) == (mode, res, m)
+            ),
+            key=lambda s: s["frames"],
         )
-        x = [r["frames"] for r in rows]
-        color = colors[i % len(colors)]
-        label = f"{mode} {res}²"
-        ax_t.plot(x, [r["seconds_per_image_step"] for r in rows], "o-", color=color, label=label)
-        ax_m.plot(x, [r["peak_bytes"] / GIB for r in rows], "o-", color=color, label=label)
-        if MODES[mode].kind == "csa":
-            what = "all frames' inputs" if MODES[mode].window else f"{meta['steps']}-step bank"
-            ax_m.plot(
-                x,
-                [r["projected_peak_bytes"] / GIB for r in rows],
-                "x--",
-                color=color,
-                label=f"{label}, projected ({what})",
-            )
-    for ax in (ax_t, ax_m):
-        ax.set_xscale("log", base=2)
-        xs = sorted({r["frames"] for r in ok})
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("story length (frames)")
-        ax.grid(True, alpha=0.3)
-    ax_t.set_ylabel("seconds per image-step")
-    ax_t.set_title("time per image per denoising step")
-    ax_m.set_ylabel("peak memory (GiB)")
-    ax_m.set_title(
-        "peak memory ("
-        + ("CUDA max allocated" if meta["device"] == "cuda" else "process RSS")
-        + ")"
-    )
-    ax_m.legend(fontsize=7, loc="best")
-    fig.suptitle(
+        label = f"{mode} {res}²" + (f", micro-batch {m}" if m else "")
+        ax.plot([s["frames"] for s in rows], [s["ratio"] for s in rows], "o-", label=label)
+    ax.axhline(TARGETS["story"], color="gray", ls="--", lw=1, label="target")
+    ax.set_xscale("log", base=2)
+    xs = sorted({s["frames"] for s in stories})
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("story length (frames)")
+    ax.set_ylabel("time per image, × stock")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(
         f"CSA vs stock SDXL UNet — {meta['device_name']} — {meta['dtype']}, R={meta['id_length']}",
-        fontsize=10,
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_path"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_path",
+    "remove_temp_files",
+    "temp_target",
+]
+
+# `.NAME.<12 hex>.tmp`, as `_open_temp` names them.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{12}\.tmp")
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
@@ -69,3 +81,30 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
     """Atomically write ``text`` to ``path`` (encoded with ``encoding``, no newline translation)."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def temp_target(name: str) -> str | None:
+    """The file a temp file named `name` was going to become (None: not one of ours)."""
+    match = _TEMP_NAME.fullmatch(name)
+    return match["name"] if match else None
+
+
+def remove_temp_files(folder: Path, ours: Callable[[str], bool]) -> list[Path]:
+    """Delete the temp files (and temp folders of the same naming) a killed run left in
+    `folder` for the targets `ours` claims; anything else, however it looks, stays. Only call
+    this while no other process can be writing into `folder`."""
+    removed: list[Path] = []
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        target = temp_target(path.name)
+        if target is None or not ours(target) or path.is_symlink():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -6,11 +6,6 @@ torch and diffusers are imported only inside `generate`, so `--help` and `valida
 from __future__ import annotations
 
 import json
-import logging
-import os
-import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,64 +15,25 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .config import ConfigFileError, Configs
-from .story import StoryError
-
-app = typer.Typer(
-    name="storydiff",
-    help="Turn a written story (YAML) into consistent keyframes of the same characters.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+from .cli_common import (
+    Command,
+    Device,
+    Dtype,
+    Flag,
+    JsonOpt,
+    Offload,
+    Quiet,
+    Verbose,
+    app,
+    configure_logging,
+    fail,
+    run_guarded,
+    stderr_console,
+    story_error,
 )
-
-EXIT_RUNTIME = 1
-EXIT_INVALID = 2
-
-
-def _stderr() -> Console:
-    return Console(stderr=True, highlight=False)
-
-
-def _fail(message: str, code: int, verbose: bool = False) -> typer.Exit:
-    if verbose and sys.exc_info()[0] is not None:
-        traceback.print_exc()
-    _stderr().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    return typer.Exit(code)
-
-
-def run_guarded(
-    work: Callable[[], Any],
-    verbose: int,
-    invalid: tuple[type[BaseException], ...] = (),
-    runtime: tuple[type[BaseException], ...] = (),
-) -> Any:
-    """Run a command's `work()`: the expected failures become one line and an exit code (2 for
-    `invalid` input, 1 for `runtime` problems); anything else is reported as unexpected."""
-    try:
-        return work()
-    except invalid as exc:
-        raise _fail(str(exc), EXIT_INVALID, verbose > 0) from None
-    except runtime as exc:
-        raise _fail(str(exc), EXIT_RUNTIME, verbose > 0) from None
-    except KeyboardInterrupt:
-        _stderr().print("interrupted: finished files are kept; run the same command to resume")
-        raise typer.Exit(130) from None
-    except Exception as exc:  # a bug, or an environment problem we did not foresee
-        raise _fail(
-            f"{type(exc).__name__}: {exc} (run again with -v for the traceback)",
-            EXIT_RUNTIME,
-            verbose > 0,
-        ) from None
-
-
-def _story_error(exc: StoryError) -> typer.Exit:
-    console = _stderr()
-    for line in exc.lines():
-        console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
-    return typer.Exit(EXIT_INVALID)
+from .config import ConfigFileError, Configs
+from .errors import EXIT_INVALID
+from .story import StoryError
 
 
 def _version(value: bool) -> None:
@@ -90,7 +46,9 @@ def _version(value: bool) -> None:
 def main_callback(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, metavar="", help="Print the version."
+        ),
     ] = False,
 ) -> None:
     """Turn a written story (YAML) into consistent keyframes of the same characters.
@@ -107,14 +65,23 @@ StoryArg = Annotated[
     Path,
     typer.Argument(help="The story file (YAML), e.g. stories/lighthouse.yaml.", show_default=False),
 ]
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print only a JSON document on stdout (for scripts).")
-]
+
+
+def _warn(console: Console, path: Path, warnings: Any) -> None:
+    """A plan's warnings, one line each, located like errors (`file field: message`)."""
+    for warning in warnings:
+        field = f" {warning.field}" if warning.loc else ""
+        console.print(
+            f"[yellow]warning:[/] {escape(str(path))}{escape(field)}: {escape(warning.message)}",
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 @app.command(
+    cls=Command,
     epilog="[bold]Examples[/]\n\n  storydiff validate stories/lighthouse.yaml\n\n"
-    "  storydiff validate stories/*.yaml --json"
+    "  storydiff validate stories/*.yaml --json",
 )
 def validate(
     stories: Annotated[
@@ -122,11 +89,13 @@ def validate(
     ],
     json_out: JsonOpt = False,
 ) -> None:
-    """Check story files without loading any model. Exit code 2 if any is invalid."""
+    """Check story files without loading any model. Exit code 2 if any is invalid; warnings
+    (e.g. a prompt over the text encoder's 77 tokens) do not change the exit code."""
     from .plan import build_plan
     from .story import load_story
 
     configs = Configs()
+    console = stderr_console()
     results, failed = [], False
     for path in stories:
         try:
@@ -135,17 +104,26 @@ def validate(
             failed = True
             results.append({"file": str(path), "valid": False, "errors": exc.lines()})
             if not json_out:
-                _story_error(exc)
+                story_error(exc)
             continue
         except ConfigFileError as exc:
-            raise _fail(str(exc), EXIT_INVALID) from None
-        results.append({"file": str(path), "valid": True, "frames": len(plan.frames)})
+            raise fail(str(exc), EXIT_INVALID) from None
+        warnings = plan.warnings
+        results.append(
+            {
+                "file": str(path),
+                "valid": True,
+                "frames": len(plan.frames),
+                "warnings": [w.message for w in warnings],
+            }
+        )
         if not json_out:
             refs = "; ".join(
                 f"{name}: frames {', '.join(str(i + 1) for i in idx)}"
                 for name, idx in plan.references.items()
             )
-            _stderr().print(
+            _warn(console, path, warnings)
+            console.print(
                 f"[green]ok[/] {escape(str(path))}: {len(plan.frames)} frames"
                 + (f", references {escape(refs)}" if refs else ""),
                 highlight=False,
@@ -184,31 +162,15 @@ def _print_plan(plan: Any, console: Console) -> None:
     console.print(table)
 
 
-def _configure_logging(verbose: int, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else (logging.ERROR if quiet else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        # diffusers/transformers chatter (torchvision fallback notes, progress bars).
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        import warnings
-
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        # diffusers passes huggingface_hub a deprecated argument when it looks for weights: a
-        # multi-line warning before our one-line error about missing weights.
-        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument")
-
-
 @app.command(
+    cls=Command,
     epilog="[bold]Examples[/]\n\n"
     "  storydiff generate stories/lighthouse.yaml\n\n"
     "  storydiff generate stories/two_friends.yaml --model tiny --out /tmp/out\n\n"
     "  storydiff generate stories/lighthouse.yaml --dry-run\n\n"
     "  storydiff generate stories/lighthouse.yaml --seed 7 --overwrite --json\n\n"
     "  storydiff generate stories/lighthouse.yaml --compile\n\n"
-    "  storydiff generate story.yaml --model ./models/my-sdxl.safetensors --dtype float16"
+    "  storydiff generate story.yaml --model ./models/my-sdxl.safetensors --dtype float16",
 )
 def generate(
     story: StoryArg,
@@ -225,33 +187,36 @@ def generate(
     seed: Annotated[
         int | None, typer.Option(min=0, max=2**32 - 1, help="Override the story's seed.")
     ] = None,
-    device: Annotated[
-        str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.", rich_help_panel="Hardware")
-    ] = "auto",
-    dtype: Annotated[
-        str,
-        typer.Option(
-            help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16.",
-            rich_help_panel="Hardware",
-        ),
-    ] = "auto",
-    offload: Annotated[
-        str,
-        typer.Option(
-            help="Keep weights on the CPU between uses: none, model (moderate savings), "
-            "sequential (lowest memory, slow).",
-            rich_help_panel="Hardware",
-        ),
-    ] = "none",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    offload: Offload = "none",
     vae_slicing: Annotated[
-        bool, typer.Option(help="Decode frames one at a time.", rich_help_panel="Hardware")
+        bool, Flag("--vae-slicing", help="Decode frames one at a time.", rich_help_panel="Hardware")
     ] = False,
     vae_tiling: Annotated[
-        bool, typer.Option(help="Decode large frames in tiles.", rich_help_panel="Hardware")
+        bool, Flag("--vae-tiling", help="Decode large frames in tiles.", rich_help_panel="Hardware")
     ] = False,
+    frame_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Frames per UNet forward for frames that are not references (default: 4 on a "
+            "GPU, 1 on a CPU). More is faster on a GPU and needs more memory; pixels do not "
+            "change beyond float rounding.",
+            rich_help_panel="Hardware",
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Save the denoising state every N steps, so a killed run resumes exactly "
+            "where it was (default: every 3 minutes of work).",
+        ),
+    ] = None,
     compile_unet: Annotated[
         bool,
-        typer.Option(
+        Flag(
             "--compile",
             help="torch.compile the UNet: the first steps of each new batch shape compile "
             "(minutes), later steps run faster. Worth it for long stories on a GPU.",
@@ -260,18 +225,17 @@ def generate(
     ] = False,
     overwrite: Annotated[
         bool,
-        typer.Option(
-            help="Regenerate every frame and allow replacing a folder made from another story."
+        Flag(
+            "--overwrite",
+            help="Regenerate every frame and allow replacing a folder made from another story.",
         ),
     ] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan without loading any model.")
+        bool, Flag("--dry-run", help="Print the plan without loading any model.")
     ] = False,
     json_out: JsonOpt = False,
-    verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More detail; tracebacks on errors.")
-    ] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes.")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Generate a story's keyframes: one PNG per frame, grid.png and manifest.json.
 
@@ -280,8 +244,6 @@ def generate(
     """
     from .generate import GenerateOptions, load_plan
 
-    if offload not in ("none", "model", "sequential"):
-        raise _fail(f"--offload {offload}: choose none, model or sequential", EXIT_INVALID)
     options = GenerateOptions(
         out=out,
         model=str(Path(model).resolve()) if model and model.startswith((".", "~")) else model,
@@ -293,42 +255,43 @@ def generate(
         vae_tiling=vae_tiling,
         overwrite=overwrite,
         compile=compile_unet,
+        frame_batch=frame_batch,
+        checkpoint_every=checkpoint_every,
     )
     configs = Configs()
-    try:
-        plan = load_plan(story, options, configs)
-    except StoryError as exc:
-        raise _story_error(exc) from None
-    except ConfigFileError as exc:
-        raise _fail(str(exc), EXIT_INVALID) from None
+    plan = run_guarded(lambda: load_plan(story, options, configs), verbose)
     if dry_run:
         if json_out:
             typer.echo(json.dumps(plan.to_dict(), indent=2, ensure_ascii=False))
         else:
+            _warn(stderr_console(), story, plan.warnings)
             _print_plan(plan, Console(highlight=False))
         return
 
-    _configure_logging(verbose, quiet)
+    configure_logging(verbose, quiet)
+    from .generate import generate_story
     from .progress import StoryProgress
 
     show = not (quiet or json_out)
-    from .generate import generate_story
-    from .models import ModelUnavailable
-    from .runs import OutputConflict
+    console = stderr_console()
+    if not quiet:
+        _warn(console, story, plan.warnings)
 
     def work() -> Any:
-        with StoryProgress(_stderr(), enabled=show) as progress:
-            return generate_story(story, options, configs, progress.hooks(), plan=plan)
+        with StoryProgress(console, enabled=show, warnings=not quiet) as progress:
+            hooks = progress.hooks()
+            return generate_story(story, options, configs, hooks, plan=plan)
 
-    result = run_guarded(work, verbose, runtime=(ModelUnavailable, OutputConflict))
+    result = run_guarded(work, verbose)
 
     if json_out:
         typer.echo(json.dumps(result.summary(), indent=2, ensure_ascii=False))
     elif not quiet:
         made, kept = len(result.generated), len(result.skipped)
-        _stderr().print(
+        removed = f"{len(result.removed)} stale removed, " if result.removed else ""
+        console.print(
             f"[green]done[/] {escape(str(result.folder))}: {made} frame(s) generated, "
-            f"{kept} unchanged, "
+            f"{kept} unchanged, {removed}"
             f"grid.png and manifest.json written in {result.seconds:.1f} s",
             highlight=False,
             soft_wrap=True,

@@ -1,68 +1,41 @@
-"""`storydiff animate` and `storydiff train-predictor` (stage two). Registered on the app in
-cli.py; like there, heavy imports happen inside the commands."""
+"""`storydiff animate` and `storydiff train-predictor` (stage two), registered on the shared app
+when cli.py imports this module; as there, heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from .cli import (
-    EXIT_INVALID,
+from .cli_common import (
+    Command,
+    Device,
+    Dtype,
+    Flag,
     JsonOpt,
-    _configure_logging,
-    _fail,
-    _stderr,
+    Offload,
+    Quiet,
+    Verbose,
     app,
+    choice,
+    configure_logging,
     run_guarded,
+    stderr_console,
 )
-from .config import ConfigFileError
+from .motion import DECODERS
 from .progress import progress_bars
-
-Verbose = Annotated[
-    int, typer.Option("--verbose", "-v", count=True, help="More detail; tracebacks on errors.")
-]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes.")]
-Device = Annotated[
-    str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.", rich_help_panel="Hardware")
-]
-Dtype = Annotated[
-    str,
-    typer.Option(
-        help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16.",
-        rich_help_panel="Hardware",
-    ),
-]
-
-
-class _InvalidInput(Exception):
-    """Raised inside `work` for a command's own bad-input errors (exit 2)."""
-
-
-def _run_guarded(verbose: int, work: Callable[[], Any]) -> Any:
-    from .models import ModelUnavailable
-    from .motion.animate import AnimateError
-    from .motion.predictor import PredictorError
-    from .motion.video import VideoError
-
-    return run_guarded(
-        work,
-        verbose,
-        invalid=(AnimateError, PredictorError, ConfigFileError, _InvalidInput),
-        runtime=(ModelUnavailable, VideoError),
-    )
 
 
 @app.command(
+    cls=Command,
     epilog="[bold]Examples[/]\n\n"
     "  storydiff animate outputs/lighthouse\n\n"
     "  storydiff animate outputs/lighthouse --decoder animatediff --predictor runs/smp\n\n"
     "  storydiff animate my_drawings/ --decoder latent-slerp --frames 24 --fps 12 --hold 0.5\n\n"
-    "  storydiff animate outputs/fox-compare --decoder animatediff --model tiny --frames 8"
+    "  storydiff animate outputs/fox-compare --decoder animatediff --model tiny --frames 8",
 )
 def animate(
     keyframes: Annotated[
@@ -80,8 +53,9 @@ def animate(
     decoder: Annotated[
         str,
         typer.Option(
+            callback=choice("--decoder", DECODERS),
             help="crossfade (pixel blend, no model), latent-slerp (SDXL VAE latents), "
-            "animatediff (SD1.5 + AnimateDiff + SparseCtrl + IP-Adapter, uses the predictor)."
+            "animatediff (SD1.5 + AnimateDiff + SparseCtrl + IP-Adapter, uses the predictor).",
         ),
     ] = "crossfade",
     model: Annotated[
@@ -110,6 +84,13 @@ def animate(
     quality: Annotated[
         int, typer.Option(min=0, max=10, help="Video quality 0-10 (10: lossless).")
     ] = 8,
+    fit: Annotated[
+        str,
+        typer.Option(
+            help="Keyframes of another aspect ratio than the first: crop (centre-crop to fill "
+            "the frame) or letterbox (the whole picture, black bars)."
+        ),
+    ] = "crop",
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the decoder.")] = 0,
     steps: Annotated[
         int | None, typer.Option(min=1, help="Denoising steps (animatediff). Default: preset.")
@@ -119,12 +100,10 @@ def animate(
     ] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    offload: Annotated[
-        str,
-        typer.Option(help="none, model, sequential (animatediff).", rich_help_panel="Hardware"),
-    ] = "none",
+    offload: Offload = "none",
     overwrite: Annotated[
-        bool, typer.Option(help="Remake every video; allow replacing another folder's videos.")
+        bool,
+        Flag("--overwrite", help="Remake every video; allow replacing another folder's videos."),
     ] = False,
     json_out: JsonOpt = False,
     verbose: Verbose = 0,
@@ -135,13 +114,7 @@ def animate(
     Writes transition_01_02.mp4, ... (H.264, yuv420p), story.mp4 and animate.json into the
     output folder. Transitions whose inputs are unchanged are kept, so reruns are cheap.
     """
-    from .motion.decoders import DECODERS
-
-    if decoder not in DECODERS:
-        raise _fail(f"--decoder {decoder}: choose one of {', '.join(DECODERS)}", EXIT_INVALID)
-    if offload not in ("none", "model", "sequential"):
-        raise _fail(f"--offload {offload}: choose none, model or sequential", EXIT_INVALID)
-    _configure_logging(verbose, quiet)
+    configure_logging(verbose, quiet)
     from .motion.animate import AnimateHooks, AnimateOptions
     from .motion.animate import animate as run_animate
 
@@ -155,6 +128,7 @@ def animate(
         fps=fps,
         hold=hold,
         quality=quality,
+        fit=fit,
         seed=seed,
         device=device,
         dtype=dtype,
@@ -164,7 +138,7 @@ def animate(
         overwrite=overwrite,
     )
     show = not (quiet or json_out)
-    console = _stderr()
+    console = stderr_console()
 
     def work() -> Any:
         with progress_bars(console, show, info=True) as progress:
@@ -179,9 +153,24 @@ def animate(
                     tasks["steps"] = progress.add_task("steps", total=None, info="")
                 progress.reset(tasks["steps"], description=escape(description), info="")
 
+            def on_phase(phase: str, done: int, total: int) -> None:
+                # Work on files (encoding an MP4, reading transitions back for story.mp4) on a
+                # line of its own, so the steps bar is not left looking like the whole job.
+                if "files" not in tasks:
+                    tasks["files"] = progress.add_task("", total=total, info="")
+                if done == 0:
+                    progress.reset(tasks["files"], description=escape(phase), total=total, info="")
+                # Every frame is sent, but ffmpeg still flushes and the file is read back.
+                finishing = done == total and phase.startswith("encoding")
+                progress.update(
+                    tasks["files"], completed=done, info="finishing" if finishing else ""
+                )
+
             def on_written(path: Path) -> None:
                 if path.name.startswith("transition_"):
                     progress.advance(tasks["pairs"])
+                if "files" in tasks:
+                    progress.update(tasks["files"], info="written")
 
             def on_note(text: str) -> None:
                 # Notes go to stderr, so they stay on with --json (stdout holds only JSON).
@@ -195,26 +184,31 @@ def animate(
                 on_step=lambda done, total: progress.update(
                     tasks["steps"], completed=done, total=total
                 ),
+                on_phase=on_phase,
                 on_written=on_written,
                 on_kept=lambda path: progress.advance(tasks["pairs"]),
             )
             return run_animate(options, hooks)
 
-    result = _run_guarded(verbose, work)
+    result = run_guarded(work, verbose)
     if json_out:
         typer.echo(json.dumps(result.summary(), indent=2, ensure_ascii=False))
     elif not quiet:
         made = sum(p.name.startswith("transition_") for p in result.generated)
         kept = len(result.transitions) - made
+        story = "written" if result.story in result.generated else "unchanged"
+        removed = f", {len(result.removed)} stale removed" if result.removed else ""
         console.print(
             f"[green]done[/] {escape(str(result.folder))}: {made} transition(s) made, "
-            f"{kept} unchanged, story.mp4 and animate.json written in {result.seconds:.1f} s",
+            f"{kept} unchanged{removed}, story.mp4 {story}, animate.json updated in "
+            f"{result.seconds:.1f} s",
             soft_wrap=True,
         )
 
 
 @app.command(
     "train-predictor",
+    cls=Command,
     epilog="[bold]Examples[/]\n\n"
     "  storydiff train-predictor --data ~/videos --out runs/smp\n\n"
     "  storydiff train-predictor --data ~/videos --out runs/smp --resume --max-steps 20000\n\n"
@@ -248,7 +242,9 @@ def train_predictor(
     max_steps: Annotated[int, typer.Option(min=1, help="Optimiser steps in total.")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1, help="Clips per step.")] = 64,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW).")] = 1e-4,
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 200,
+    warmup_steps: Annotated[
+        int, typer.Option(min=0, help="Linear warm-up steps (a note if above --max-steps).")
+    ] = 200,
     eval_every: Annotated[int, typer.Option(min=1, help="Validate every N steps.")] = 100,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
     val_fraction: Annotated[
@@ -256,14 +252,22 @@ def train_predictor(
     ] = 0.1,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the run.")] = 0,
     resume: Annotated[
-        bool, typer.Option(help="Continue from the latest checkpoint in --out.")
+        bool,
+        Flag(
+            "--resume",
+            help="Continue from the latest checkpoint in --out, also with changed settings "
+            "(e.g. a higher --max-steps). Rerunning the same command continues an unfinished "
+            "run without it.",
+        ),
     ] = False,
     overwrite: Annotated[
-        bool, typer.Option(help="Start over in an --out that holds another run.")
+        bool, Flag("--overwrite", help="Start over in an --out that holds another run.")
     ] = False,
     cache: Annotated[
         Path | None,
-        typer.Option(help="Embedding cache folder. Default: DATA/.storydiff-cache."),
+        typer.Option(
+            help="Embedding cache folder (must be writable). Default: DATA/.storydiff-cache."
+        ),
     ] = None,
     device: Device = "auto",
     json_out: JsonOpt = False,
@@ -277,9 +281,8 @@ def train_predictor(
     After each validation, OUT/metrics.json gains a record with the predictor's error against
     the linear baseline (`gain` > 0: better than lerp).
     """
-    _configure_logging(verbose, quiet)
-    from .motion.dataset import DatasetError
-    from .motion.train import TrainError, TrainHooks, TrainOptions
+    configure_logging(verbose, quiet)
+    from .motion.train import TrainHooks, TrainOptions
     from .motion.train import train_predictor as run_training
 
     options = TrainOptions(
@@ -302,7 +305,7 @@ def train_predictor(
         cache_dir=cache,
     )
     show = not (quiet or json_out)
-    console = _stderr()
+    console = stderr_console()
 
     def work() -> Any:
         with progress_bars(console, show, info=True) as progress:
@@ -326,33 +329,19 @@ def train_predictor(
                         highlight=False,
                     )
 
-            hooks = TrainHooks(
-                on_encode=on_encode,
-                on_step=on_step,
-                on_eval=on_eval,
-                on_note=lambda text: (
-                    progress.console.print(f"note: {escape(text)}") if show else None
-                ),
-            )
-            try:
-                return run_training(options, hooks)
-            except (DatasetError, TrainError) as exc:
-                raise _InvalidInput(str(exc)) from exc
+            def on_note(text: str) -> None:
+                # Notes go to stderr, so they stay on with --json (stdout holds only JSON).
+                if not quiet:
+                    console.print(f"note: {escape(text)}", soft_wrap=True, highlight=False)
 
-    result = _run_guarded(verbose, work)
-    summary = {
-        "out": str(result.out),
-        "predictor": str(result.predictor_path),
-        "metrics": str(result.metrics_path),
-        "steps": result.steps,
-        "resumed_from": result.resumed_from,
-        "final": result.final,
-        "counts": result.counts,
-        "clips_per_second": result.clips_per_second,
-        "seconds": round(result.seconds, 3),
-    }
+            hooks = TrainHooks(
+                on_encode=on_encode, on_step=on_step, on_eval=on_eval, on_note=on_note
+            )
+            return run_training(options, hooks)
+
+    result = run_guarded(work, verbose)
     if json_out:
-        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+        typer.echo(json.dumps(result.summary(), indent=2, ensure_ascii=False, default=str))
     elif not quiet:
         gain = result.final.get("gain")
         console.print(

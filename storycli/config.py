@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from .errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class SchedulerSpec:
@@ -49,7 +51,7 @@ def default_configs_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigFileError(Exception):
+class ConfigFileError(InvalidInput):
     """A file under configs/ is missing or malformed."""
 
 

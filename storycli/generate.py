@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ class GenerateOptions:
     vae_tiling: bool = False
     overwrite: bool = False
     compile: bool = False  # torch.compile the UNet (slow first steps, faster after)
+    frame_batch: int | None = None  # read/plain frames per UNet forward (None: per device)
+    checkpoint_every: int | None = None  # steps between loop checkpoints (None: a few minutes)
 
 
 @dataclass
@@ -32,10 +36,11 @@ class Hooks:
     """Progress callbacks; all optional."""
 
     on_model: Callable[[Any], None] | None = None  # (LoadedModel)
-    on_start: Callable[[int, int, int], None] | None = None  # (frames to make, calls, steps)
-    on_call: Callable[[str], None] | None = None  # (description of the pipeline call)
-    on_step: Callable[[int, int], None] | None = None  # (step, steps)
+    on_start: Callable[[int, int], None] | None = None  # (frames to make, steps)
+    on_call: Callable[[str], None] | None = None  # (the UNet forward running: which frames)
+    on_step: Callable[[int, int], None] | None = None  # (step, steps) of the story loop
     on_frame: Callable[[int, Path], None] | None = None  # (frame index, file written)
+    on_warning: Callable[[str], None] | None = None  # (one sentence)
 
 
 @dataclass
@@ -48,6 +53,7 @@ class GenerateResult:
     peak_memory_bytes: int | None = None
     model: dict[str, Any] = field(default_factory=dict)
     size: tuple[int, int] = (0, 0)
+    removed: list[Path] = field(default_factory=list)  # stale frames of a longer earlier story
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -64,6 +70,7 @@ class GenerateResult:
                 }
                 for f in self.plan.frames
             ],
+            "removed": [str(p) for p in self.removed],
             "grid": str(self.folder / "grid.png"),
             "manifest": str(self.folder / "manifest.json"),
             "seconds": round(self.seconds, 3),
@@ -84,6 +91,24 @@ def load_plan(story_path: Path, options: GenerateOptions, configs: Configs) -> P
     return build_plan(load_story(story_path, configs, story_overrides(options)), configs)
 
 
+def model_warnings(plan: Plan, pipe: Any) -> list[str]:
+    """Frames whose prompt the model's own tokenizer cuts. The plan already fits prompts to
+    SDXL's CLIP vocabulary; another tokenizer (the tiny model's, a fine-tune's) may cut more.
+    SDXL's two tokenizers share vocabulary and length, so the first one speaks for both."""
+    from .tokens import dropped_words
+
+    tokenizer = pipe.tokenizer or pipe.tokenizer_2
+    out = []
+    for frame in plan.frames:
+        dropped = dropped_words(frame.prompt, tokenizer)
+        if dropped:
+            out.append(
+                f"frames[{frame.index}]: this model's text encoder reads at most "
+                f'{tokenizer.model_max_length} tokens and drops "{dropped}"'
+            )
+    return out
+
+
 def generate_story(
     story_path: Path,
     options: GenerateOptions,
@@ -100,13 +125,19 @@ def generate_story(
     # Heavy imports only once the story is known to be valid.
     import torch
 
-    from .keyframes import calls_needed, generate_keyframes, render_size
+    from .atomic import remove_temp_files
+    from .checkpoints import CHECKPOINT_NAME, LoopCheckpoint
+    from .keyframes import calls_needed, default_frame_batch, generate_keyframes, render_size
     from .models import load_pipeline, set_scheduler
-    from .runs import StoryRun, peak_memory
+    from .paths import check_writable_folder
+    from .render import uncovered_characters
+    from .runs import FRAME_FILE, GRID, MANIFEST, StoryRun, peak_memory
 
     story = plan.story
     folder = options.out / story.name
-    # Ownership is checked before the (slow) model load; frame keys need the model, after it.
+    # The output location and its ownership are checked before the (slow) model load; frame
+    # keys need the model, after it.
+    check_writable_folder(folder, "--out")
     StoryRun(folder, story_path, plan, {}, options.overwrite).check_owner()
 
     loaded = load_pipeline(
@@ -121,6 +152,9 @@ def generate_story(
     )
     if hooks.on_model:
         hooks.on_model(loaded)
+    for warning in model_warnings(plan, loaded.pipe):
+        if hooks.on_warning:
+            hooks.on_warning(warning)
     size = render_size(plan, loaded.long_side)
     model_info = loaded.describe() | {"render_size": [size.width, size.height]}
     run = StoryRun(folder, story_path, plan, model_info, options.overwrite)
@@ -137,19 +171,39 @@ def generate_story(
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
     }
+    # Before the manifest is rewritten: it is what proves those files are ours.
+    result.removed = run.remove_stale_frames()
+    # What a killed run's atomic writes left: temp files of this folder's own names only.
+    ours = {f.file for f in plan.frames} | {GRID, MANIFEST, CHECKPOINT_NAME}
+    remove_temp_files(folder, lambda name: name in ours or FRAME_FILE.fullmatch(name) is not None)
+    loop: dict[str, Any] = {}  # what the story loop reports, when it runs
     if todo:
         run.write_manifest((size.width, size.height), versions, {}, complete=False)
         set_scheduler(loaded.pipe, story.scheduler)
-        calls = calls_needed(plan, todo)
         if hooks.on_start:
-            hooks.on_start(len(todo), len(calls), story.steps)
+            hooks.on_start(len(todo), story.steps)
+        frame_batch = options.frame_batch or default_frame_batch(loaded.pipe._execution_device)
+        # Keyed by what makes the loop's numbers: its frames' inputs (in loop order), how they
+        # are batched, and where they run.
+        rows = [i for call in calls_needed(plan, todo) for i in call.frames]
+        checkpoint_key = {
+            "frames": [run.keys[i] for i in rows],
+            "frame_batch": frame_batch,
+            "device": loaded.device,
+            "compiled": options.compile,
+        }
+        checkpoint = LoopCheckpoint(
+            folder / CHECKPOINT_NAME,
+            hashlib.sha256(json.dumps(checkpoint_key).encode()).hexdigest()[:16],
+            every_steps=options.checkpoint_every,
+        )
 
         def on_frame(index: int, image: Any, seconds: float) -> None:
             path = run.save_frame(index, image, seconds)
             if hooks.on_frame:
                 hooks.on_frame(index, path)
 
-        generate_keyframes(
+        loop = generate_keyframes(
             loaded.pipe,
             plan,
             todo,
@@ -158,13 +212,20 @@ def generate_story(
             on_step=hooks.on_step,
             on_call=hooks.on_call,
             compile_backend="inductor" if options.compile else None,
+            frame_batch=frame_batch,
+            checkpoint=checkpoint,
         )
+        checkpoint.remove()  # its frames are written
     memory, memory_kind = peak_memory(loaded.device)
     result.generated = sorted(run.generated)
     result.skipped = [f.index for f in plan.frames if f.index not in run.generated]
-    if options.overwrite:
-        run.remove_stale_frames()
     run.write_grid()
+    missing = uncovered_characters(f.caption for f in plan.frames)
+    if missing and hooks.on_warning:
+        hooks.on_warning(
+            f"grid.png: no font on this machine draws {' '.join(missing)} (shown as boxes); "
+            "install a font that covers them (e.g. fonts-noto-cjk for Chinese, Japanese, Korean)"
+        )
     result.seconds = time.perf_counter() - started
     result.peak_memory_bytes = memory
     run.write_manifest(
@@ -175,6 +236,7 @@ def generate_story(
             "peak_memory_bytes": memory,
             "peak_memory_kind": memory_kind,
             "compiled": options.compile,
+            "story_loop": loop,
         },
     )
     return result

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from PIL import Image
 
+from .checkpoints import LoopCheckpoint
 from .consistency import CSAState, csa_layers, installed_csa
 from .consistency.csa import BankSettings, CSASettings, compiled_unet, windowed_unet
-from .plan import GenerationCall, Plan
+from .plan import GenerationCall, Plan, PlannedFrame
 
 StepCallback = Callable[[int, int], None]  # (steps done in this call, total steps)
 FrameCallback = Callable[[int, Image.Image, float], None]  # (frame index, image, seconds)
@@ -60,6 +62,20 @@ def describe_call(call: GenerationCall) -> str:
     return f"frame {numbers}"
 
 
+@contextlib.contextmanager
+def freeu_enabled(pipe: Any, plan: Plan) -> Iterator[None]:
+    """The story's `freeu:` settings on the UNet for the duration (diffusers' FreeU)."""
+    freeu = plan.story.freeu
+    if freeu is None:
+        yield
+        return
+    pipe.enable_freeu(s1=freeu.s1, s2=freeu.s2, b1=freeu.b1, b2=freeu.b2)
+    try:
+        yield
+    finally:
+        pipe.disable_freeu()
+
+
 def csa_settings(plan: Plan) -> CSASettings:
     c = plan.story.consistency
     return CSASettings(
@@ -74,21 +90,16 @@ def csa_settings(plan: Plan) -> CSASettings:
     )
 
 
-def bank_settings(plan: Plan, device: torch.device) -> BankSettings:
+def bank_settings(plan: Plan) -> BankSettings:
     bank = plan.story.consistency.bank
-    placement = bank.placement
-    if placement == "auto":
-        # On a GPU the bank (steps × layers × references) would outgrow the UNet itself.
-        placement = "cpu" if device.type == "cuda" else "device"
     return BankSettings(
-        placement=placement,
         dtype=None if bank.dtype == "auto" else getattr(torch, bank.dtype),
         levels=tuple(bank.levels),
         max_step=bank.max_step,
     )
 
 
-def generate_keyframes(
+def generate_keyframes_per_call(
     pipe: Any,
     plan: Plan,
     todo: Iterable[int],
@@ -98,12 +109,9 @@ def generate_keyframes(
     on_call: Callable[[str], None] | None = None,
     compile_backend: str | None = None,
 ) -> None:
-    """Generate the frames in `todo`, calling `on_frame` as each one is ready.
-
-    Frames outside `todo` are generated only when a needed frame depends on them (references),
-    and are then not reported. `compile_backend` (e.g. "inductor") runs the UNet through
-    `torch.compile`.
-    """
+    """The per-call schedule: one full `pipe(...)` denoising loop per plan call, the bank kept
+    for every step until the story is done. The reference `generate_keyframes` is tested
+    against (same frames within float tolerance); not used to make stories."""
     todo = set(todo)
     calls = calls_needed(plan, todo)
     story = plan.story
@@ -113,7 +121,7 @@ def generate_keyframes(
         state = CSAState(
             csa_settings(plan),
             csa_layers(pipe.unet, story.consistency.blocks),
-            bank_settings(plan, getattr(pipe, "_execution_device", pipe.device)),
+            bank_settings(plan),
             compiled=compile_backend is not None,
         )
         guard = installed_csa(pipe.unet, state)
@@ -121,7 +129,7 @@ def generate_keyframes(
     if compile_backend is not None:
         compiling = compiled_unet(pipe.unet, compile_backend)
 
-    with guard, compiling, torch.inference_mode():
+    with guard, compiling, freeu_enabled(pipe, plan), torch.inference_mode():
         for call in calls:
             frames = [plan.frames[i] for i in call.frames]
             if on_call is not None:
@@ -158,6 +166,7 @@ def generate_keyframes(
                     num_inference_steps=story.steps,
                     guidance_scale=story.guidance,
                     generator=[torch.Generator("cpu").manual_seed(f.seed) for f in frames],
+                    latents=initial_noise(pipe, frames, size, pipe.unet.dtype),
                     callback_on_step_end=step_end,
                     output_type="pil",
                 ).images
@@ -167,3 +176,292 @@ def generate_keyframes(
             for frame, image in zip(frames, images, strict=True):
                 if frame.index in todo:
                     on_frame(frame.index, image, seconds)
+
+
+# ------------------------------------------------------------------------------ story loop
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One UNet forward of every denoising step: the plan calls it runs together (a character's
+    write call, a window call, or up to `frame_batch` one-frame read or plain calls)."""
+
+    calls: tuple[GenerationCall, ...]
+    rows: tuple[int, ...]  # the frames' rows in the story loop's batch
+
+    @property
+    def phase(self) -> str:
+        return self.calls[0].phase
+
+    def describe(self) -> str:
+        if len(self.calls) == 1:
+            return describe_call(self.calls[0])
+        numbers = ", ".join(str(i + 1) for c in self.calls for i in c.frames)
+        return f"frames {numbers}"
+
+
+def default_frame_batch(device: torch.device) -> int:
+    """Frames per UNet forward for read and plain frames: 4 on a GPU (fills it better), 1 on a
+    CPU (no gain from batching there, and the smallest activation peak)."""
+    return 4 if device.type in ("cuda", "mps") else 1
+
+
+def story_chunks(plan: Plan, calls: Iterable[GenerationCall], frame_batch: int) -> list[Chunk]:
+    """Each step's forwards in order: write and window calls on their own, then read calls
+    that read the same characters, and plain calls, `frame_batch` at a time."""
+    calls = list(calls)
+    row = {}
+    for call in calls:
+        for index in call.frames:
+            row[index] = len(row)
+    chunks: list[Chunk] = []
+    pending: dict[tuple[str, tuple[str, ...]], list[GenerationCall]] = {}
+
+    def flush(key: tuple[str, tuple[str, ...]]) -> None:
+        group = pending.pop(key, [])
+        if group:
+            chunks.append(Chunk(tuple(group), tuple(row[i] for c in group for i in c.frames)))
+
+    for call in calls:
+        if call.phase in ("write", "window"):
+            chunks.append(Chunk((call,), tuple(row[i] for i in call.frames)))
+            continue
+        key = (call.phase, plan.frames[call.frames[0]].characters if call.phase == "read" else ())
+        pending.setdefault(key, []).append(call)
+        if len(pending[key]) == frame_batch:
+            flush(key)
+    for key in list(pending):
+        flush(key)
+    return chunks
+
+
+def generate_keyframes(
+    pipe: Any,
+    plan: Plan,
+    todo: Iterable[int],
+    size: RenderSize,
+    on_frame: FrameCallback,
+    on_step: StepCallback | None = None,
+    on_call: Callable[[str], None] | None = None,
+    compile_backend: str | None = None,
+    frame_batch: int | None = None,
+    checkpoint: LoopCheckpoint | None = None,
+) -> dict[str, Any]:
+    """Generate the frames in `todo`, all of a story's frames advancing together step by step.
+
+    At every step each character's references run together (write: they fill that step's
+    bank), then the other frames read that bank in chunks of `frame_batch`, then the bank is
+    dropped: it never holds more than one step. One scheduler steps the latents of every frame
+    as one batch. Each plan call keeps its own seeded noise and CSA draws, so frames equal the
+    per-call schedule's within float tolerance. Frames outside `todo` run only when a needed
+    frame depends on them (references), and are then not reported. `on_call(description)`
+    announces each chunk's forward, `on_step(step, steps)` each finished step. Returns what the
+    manifest records of the run.
+    """
+    todo = set(todo)
+    story = plan.story
+    unet, scheduler = pipe.unet, pipe.scheduler
+    device = pipe._execution_device
+    cfg = story.guidance > 1 and unet.config.time_cond_proj_dim is None
+    calls = calls_needed(plan, todo)
+    frame_batch = frame_batch or default_frame_batch(device)
+    chunks = story_chunks(plan, calls, frame_batch)
+    frames = [plan.frames[i] for call in calls for i in call.frames]  # one row each
+    started = time.perf_counter()
+
+    # 1. Prompts: every frame's embeddings (all-empty negatives → None: SDXL's zeroed ones).
+    negative = [f.negative for f in frames] if any(f.negative for f in frames) else None
+    prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=[f.prompt for f in frames],
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=cfg,
+        negative_prompt=negative,
+    )
+
+    # 2. Timesteps: one scheduler for the batch (multistep schedulers keep per-sample history).
+    scheduler.set_timesteps(story.steps, device=device)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+
+    # 3. Initial noise, each frame's as the plan says (see plan.noise_draws); generators for
+    # the schedulers that draw noise while stepping.
+    noise = initial_noise(pipe, frames, size, prompt_embeds.dtype)
+    latents = noise.to(device) * scheduler.init_noise_sigma
+    generators = [torch.Generator("cpu").manual_seed(f.seed) for f in frames]
+    step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
+
+    # 4. SDXL's added conditioning: pooled text embeddings and size ids, the same for all.
+    projection = (
+        int(pooled.shape[-1])
+        if pipe.text_encoder_2 is None
+        else pipe.text_encoder_2.config.projection_dim
+    )
+    time_ids = pipe._get_add_time_ids(
+        (size.height, size.width),
+        (0, 0),
+        (size.height, size.width),
+        dtype=prompt_embeds.dtype,
+        text_encoder_projection_dim=projection,
+    ).to(device)
+
+    def conditioning(rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        text, pooled_rows = prompt_embeds[rows], pooled[rows]
+        if cfg:  # [unconditional rows..., conditional rows...], as diffusers does
+            text = torch.cat([negative_embeds[rows], text])
+            pooled_rows = torch.cat([negative_pooled[rows], pooled_rows])
+        ids = time_ids.repeat(text.shape[0], 1)
+        return text, {"text_embeds": pooled_rows, "time_ids": ids}
+
+    # 5. CSA: one stream of draws per plan call; the bank lives for one step.
+    state: CSAState | None = None
+    guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    streams: dict[int, list[Any]] = {}
+    if story.uses_consistency:
+        state = CSAState(
+            csa_settings(plan),
+            csa_layers(unet, story.consistency.blocks),
+            bank_settings(plan),
+            compiled=compile_backend is not None,
+        )
+        guard = installed_csa(unet, state)
+    compiling: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if compile_backend is not None:
+        compiling = compiled_unet(unet, compile_backend)
+
+    with guard, compiling, freeu_enabled(pipe, plan), torch.inference_mode():
+        if state is not None:
+            for n, chunk in enumerate(chunks):
+                streams[n] = [
+                    state.open_call(
+                        "off" if call.phase == "plain" else call.phase,
+                        n_images=len(call.frames),
+                        seed=call.csa_seed,
+                        character=call.character,
+                        read_characters=plan.frames[call.frames[0]].characters
+                        if call.phase == "read"
+                        else (),
+                    )
+                    for call in chunk.calls
+                ]
+        inputs = [conditioning(list(chunk.rows)) for chunk in chunks]
+
+        # 6. Resume: a checkpoint of these very frames continues after its step.
+        every_stream = [stream for chunk_streams in streams.values() for stream in chunk_streams]
+        start = 0
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None:
+            latents = saved["latents"].to(device)
+            scheduler.__dict__.update(saved["scheduler"].__dict__)
+            for generator, generator_state in zip(generators, saved["generators"], strict=True):
+                generator.set_state(generator_state)
+            for stream, (generator_state, at) in zip(every_stream, saved["streams"], strict=True):
+                stream.generator.set_state(generator_state)
+                stream.step = at
+            start = saved["step"] + 1
+
+        # 7. The story loop: every chunk's forward at step t, then one scheduler step for all.
+        for step, t in enumerate(scheduler.timesteps):
+            if step < start:
+                continue
+            noise_pred = torch.empty_like(latents)
+            for n, chunk in enumerate(chunks):
+                if on_call is not None:
+                    on_call(chunk.describe())
+                rows = list(chunk.rows)
+                x = torch.cat([latents[rows]] * 2) if cfg else latents[rows]
+                x = scheduler.scale_model_input(x, t)
+                text, added = inputs[n]
+                window: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+                if state is not None:
+                    state.enter(streams[n])
+                    if chunk.phase == "window":
+                        c = story.consistency
+                        window = windowed_unet(unet, state, len(rows), c.window, c.stride)
+                with window:
+                    pred = unet(
+                        x,
+                        t,
+                        encoder_hidden_states=text,
+                        added_cond_kwargs=added,
+                        return_dict=False,
+                    )[0]
+                if state is not None:
+                    state.leave()
+                if cfg:
+                    uncond, cond = pred.chunk(2)
+                    pred = uncond + story.guidance * (cond - uncond)
+                noise_pred[rows] = pred
+            if state is not None:
+                state.drop_step(step)  # every frame has read this step's bank
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if on_step is not None:
+                on_step(step + 1, story.steps)
+            if checkpoint is not None and checkpoint.due(step, story.steps):
+                checkpoint.save(
+                    step,
+                    {
+                        "latents": latents,
+                        "scheduler": scheduler,
+                        "generators": [g.get_state() for g in generators],
+                        "streams": [(s.generator.get_state(), s.step) for s in every_stream],
+                    },
+                )
+
+        # 8. Decode, a chunk at a time (bounded memory), and hand each frame over.
+        seconds = (time.perf_counter() - started) / len(frames)
+        for chunk in chunks:
+            images = decode_latents(pipe, latents[list(chunk.rows)])
+            for r, image in zip(chunk.rows, images, strict=True):
+                if frames[r].index in todo:
+                    on_frame(frames[r].index, image, seconds)
+    pipe.maybe_free_model_hooks()
+    return {
+        "frame_batch": frame_batch,
+        "unet_forwards_per_step": len(chunks),
+        "peak_bank_bytes": state.peak_bank_bytes if state is not None else 0,
+        "checkpoint": checkpoint.describe() if checkpoint is not None else None,
+    }
+
+
+def initial_noise(
+    pipe: Any, frames: list[PlannedFrame], size: RenderSize, dtype: torch.dtype
+) -> torch.Tensor:
+    """The frames' starting noise (unscaled, on the CPU): for each seed, one CPU generator draws
+    as many images as the frames need (`noise_index` + 1), as diffusers' `randn_tensor` does
+    for one generator and a batch, and each frame takes its position's image."""
+    shape = (
+        pipe.unet.config.in_channels,
+        size.height // pipe.vae_scale_factor,
+        size.width // pipe.vae_scale_factor,
+    )
+    draws: dict[int, torch.Tensor] = {}
+    for seed in {f.seed for f in frames}:
+        count = 1 + max(f.noise_index for f in frames if f.seed == seed)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        draws[seed] = randn_tensor((count, *shape), generator=generator, dtype=dtype)
+    return torch.stack([draws[f.seed][f.noise_index] for f in frames])
+
+
+def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents → PIL images exactly as the SDXL pipeline decodes them (fp16 VAE upcast, latent
+    mean/std when the VAE has them, watermark when installed)."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        pipe.upcast_vae()
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
+    if upcast:
+        vae.to(dtype=torch.float16)
+    if getattr(pipe, "watermark", None) is not None:
+        image = pipe.watermark.apply_watermark(image)
+    return pipe.image_processor.postprocess(image, output_type="pil")

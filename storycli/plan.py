@@ -12,36 +12,21 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from .config import Configs
-from .story import NO_CHARACTER_TAG, TAG_RE, Story, frame_tags
+from .seeds import derive_seed
+from .story import (
+    NO_CHARACTER_TAG,
+    TAG_RE,
+    Loc,
+    Story,
+    format_loc,
+    frame_characters,
+    frame_tags,
+    single_character_frames,
+    story_warnings,
+)
+from .tokens import MAX_LENGTH, Fitted, count_tokens, encoder_cut, fit_prompt
 
 Role = Literal["reference", "read", "plain", "window"]
-
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A stable 63-bit seed for one purpose (e.g. one pipeline call's CSA draws)."""
-    digest = hashlib.sha256(json.dumps([seed, *map(str, parts)]).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def frame_characters(story: Story, prompt: str) -> tuple[str, ...]:
-    """Characters a frame shows, in the story's definition order."""
-    tags = frame_tags(prompt)
-    if NO_CHARACTER_TAG in tags:
-        return ()
-    cast = story.cast
-    if story.identity is not None:
-        return tuple(cast)
-    return tuple(name for name in cast if name in tags)
-
-
-def single_character_frames(story: Story) -> dict[str, list[int]]:
-    """For each character, the frames that show it and no other character."""
-    out: dict[str, list[int]] = {name: [] for name in story.cast}
-    for i, frame in enumerate(story.frames):
-        shown = frame_characters(story, frame.prompt)
-        if len(shown) == 1:
-            out[shown[0]].append(i)
-    return out
 
 
 def expand_prompt(story: Story, prompt: str) -> str:
@@ -72,7 +57,10 @@ class PlannedFrame:
     characters: tuple[str, ...]
     role: Role
     reference_of: str | None
-    seed: int  # initial-noise seed
+    seed: int  # seeds the CPU generator this frame's initial noise is drawn from
+    # Which image of that generator's batch draw is this frame's noise (0: the first): what a
+    # frame at that position of one pipeline call's batch starts from. See `noise_draws`.
+    noise_index: int = 0
 
     @property
     def number(self) -> int:
@@ -90,6 +78,7 @@ class PlannedFrame:
             "negative": self.negative,
             "caption": self.caption,
             "seed": self.seed,
+            "noise_index": self.noise_index,
         }
 
 
@@ -104,11 +93,29 @@ class GenerationCall:
 
 
 @dataclass(frozen=True)
+class PlanWarning:
+    """Something the story allows but probably did not mean; the plan still runs."""
+
+    loc: Loc  # as in StoryIssue: ("frames", 3), ("characters", "ann"), ("negative",)
+    message: str
+
+    @property
+    def field(self) -> str:
+        return format_loc(self.loc)
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
 class Plan:
     story: Story
     frames: tuple[PlannedFrame, ...]
     references: dict[str, tuple[int, ...]]  # empty when consistency is off
     calls: tuple[GenerationCall, ...]
+    # Not part of any frame key: a warning changes no pixels (a trimmed prompt does, and is
+    # in its frame's `prompt`).
+    warnings: tuple[PlanWarning, ...] = ()
 
     def dependencies(self, index: int) -> tuple[int, ...]:
         """Frames whose inputs shape this frame's pixels: its call's batch, the references it
@@ -135,6 +142,7 @@ class Plan:
                     "guidance",
                     "scheduler",
                     "noise",
+                    "freeu",
                     "consistency",
                 }
             ),
@@ -163,7 +171,48 @@ class Plan:
                 for c in self.calls
             ],
             "frames": [f.describe() for f in self.frames],
+            "warnings": [{"field": w.field, "message": w.message} for w in self.warnings],
         }
+
+
+def _over_budget(fitted: Fitted, characters: tuple[str, ...], style: str | None) -> str:
+    head = f"prompt is {fitted.tokens} tokens, over the text encoder's {MAX_LENGTH}"
+    if fitted.trimmed:
+        fix = "shorten the frame or its character description" if characters else "shorten it"
+        return f'{head}: dropped "{fitted.dropped}"; {fix}'
+    # Not even the frame's first word fits beside the style: the encoder cuts as it always did.
+    return (
+        f"{head}, and its first word does not fit beside style '{style}': the text encoder "
+        f'drops "{fitted.dropped}"; shorten the style or the frame'
+        if style
+        else f'{head}: the text encoder drops "{fitted.dropped}"; shorten the frame'
+    )
+
+
+def _window_frames(story: Story) -> list[tuple[int, tuple[str, ...]]]:
+    """Window mode: the frames (with their characters) its one windowed call denoises."""
+    if not (story.uses_consistency and story.consistency.mode == "window"):
+        return []
+    shown = [(i, frame_characters(story, f.prompt)) for i, f in enumerate(story.frames)]
+    return [(i, characters) for i, characters in shown if characters]
+
+
+def noise_draws(story: Story, batches: list[tuple[int, ...]]) -> dict[int, tuple[int, int]]:
+    """Each frame's initial noise as (generator seed, position in that generator's draw).
+
+    `shared` (the default, as StoryDiffusion's app): a batch (a character's references, a
+    window) draws its images' noise from one generator seeded with the story's seed, so they
+    differ; every other frame starts from the noise that seed gives one image (the first
+    reference's). `identical`: every frame starts from the very same noise. `per-frame`: frame
+    i draws from seed + i. A frame's noise never depends on which frames run with it.
+    """
+    out = {i: (story.seed, 0) for i in range(len(story.frames))}
+    if story.noise == "per-frame":
+        return {i: (story.seed + i, 0) for i in out}
+    if story.noise == "shared":
+        for batch in batches:
+            out |= {index: (story.seed, position) for position, index in enumerate(batch)}
+    return out
 
 
 def build_plan(story: Story, configs: Configs | None = None) -> Plan:
@@ -191,12 +240,32 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
     grouped = {i for idx in groups.values() for i in idx}
     reference_of = {i: name for name, idx in references.items() for i in idx}
 
+    warnings = [PlanWarning(loc, message) for loc, message in story_warnings(story)]
+    if (cut := encoder_cut(negative)) is not None:
+        warnings.append(
+            PlanWarning(
+                ("negative",),
+                f"negative prompt (style's, then the story's) is {count_tokens(negative) + 2} "
+                f'tokens, over the text encoder\'s {MAX_LENGTH}: "{cut}" is ignored; shorten it',
+            )
+        )
+
+    noise = noise_draws(story, [*groups.values(), tuple(i for i, _ in _window_frames(story))])
     frames = []
     for i, spec in enumerate(story.frames):
         characters = frame_characters(story, spec.prompt)
-        prompt = expand_prompt(story, spec.prompt)
-        if style is not None:
-            prompt = style.apply(prompt)
+        # SDXL's text encoders see 77 tokens and diffusers cuts the rest: the end, which is the
+        # style's suffix. Trimming the frame's own text instead keeps the style and makes the
+        # planned prompt exactly what gets encoded. Prompts within budget are left as they are,
+        # so they encode (and render) exactly as in diffusers and the reference code, which
+        # chunked long-prompt encoding (compel / sd_embed style) would not; chunking can come
+        # with the project's own pipeline loop later.
+        fitted = fit_prompt(expand_prompt(story, spec.prompt), style.apply if style else str)
+        if fitted.dropped is not None:
+            warnings.append(
+                PlanWarning(("frames", i), _over_budget(fitted, characters, story.style))
+            )
+        prompt = fitted.prompt
         if windowed and characters:
             role: Role = "window"
         elif i in reference_of:
@@ -216,7 +285,8 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
                 characters=characters,
                 role=role,
                 reference_of=reference_of.get(i),
-                seed=story.seed if story.noise == "shared" else story.seed + i,
+                seed=noise[i][0],
+                noise_index=noise[i][1],
             )
         )
 
@@ -237,4 +307,4 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         for f in frames
         if f.index not in grouped and f.role != "window"
     ]
-    return Plan(story, tuple(frames), references, tuple(calls))
+    return Plan(story, tuple(frames), references, tuple(calls), tuple(warnings))

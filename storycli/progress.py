@@ -13,12 +13,42 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
+    Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from .generate import Hooks
+
+
+class _TimeRemaining(TimeRemainingColumn):
+    """Time left, except for tasks added with `eta=False`: counts (frames) that complete in
+    uneven batches, where rich's rate-based estimate would be wrong."""
+
+    def render(self, task: Task) -> Text:
+        if not task.fields.get("eta", True):
+            return Text("")
+        return super().render(task)
+
+
+class _LazyProgress(Progress):
+    """Starts drawing with its first task: a command that fails (or has nothing to show)
+    before then leaves no blank line above its error."""
+
+    def __enter__(self) -> _LazyProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live.is_started:  # Progress.stop prints a newline even when nothing was drawn
+            self.stop()
+
+    def add_task(self, *args: Any, **kwargs: Any) -> TaskID:
+        if not self.live.is_started and not self.disable:
+            self.start()
+        return super().add_task(*args, **kwargs)
 
 
 def progress_bars(console: Console, enabled: bool, info: bool = False) -> Progress:
@@ -26,14 +56,15 @@ def progress_bars(console: Console, enabled: bool, info: bool = False) -> Progre
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     if info:
         columns.append(TextColumn("{task.fields[info]}"))
-    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
-    return Progress(*columns, console=console, disable=not enabled)
+    columns += [TimeElapsedColumn(), _TimeRemaining()]
+    return _LazyProgress(*columns, console=console, disable=not enabled)
 
 
 class StoryProgress:
-    def __init__(self, console: Console, enabled: bool = True) -> None:
+    def __init__(self, console: Console, enabled: bool = True, warnings: bool = True) -> None:
         self.console = console
         self.enabled = enabled
+        self.warnings = warnings  # shown even when progress is off (--json): they go to stderr
         self.progress = progress_bars(console, enabled)
         self.frames_task: Any = None
         self.steps_task: Any = None
@@ -62,18 +93,23 @@ class StoryProgress:
         else:
             self._note(f"model {escape(loaded.model_id)} on {loaded.device} ({loaded.dtype})")
 
-    def _on_start(self, frames: int, calls: int, steps: int) -> None:
-        self.frames_task = self.progress.add_task("frames", total=frames)
+    def _on_start(self, frames: int, steps: int) -> None:
+        # Frames finish together at the end of the story loop: no time-left of their own.
+        self.frames_task = self.progress.add_task("frames", total=frames, eta=False)
         self.steps_task = self.progress.add_task("steps", total=steps)
 
     def _on_call(self, description: str) -> None:
-        self.progress.reset(self.steps_task, description=description)
+        self.progress.update(self.steps_task, description=f"steps: {escape(description)}")
 
     def _on_step(self, step: int, steps: int) -> None:
-        self.progress.update(self.steps_task, completed=step, total=steps)
+        self.progress.update(self.steps_task, completed=step, description="steps")
 
     def _on_frame(self, index: int, path: Path) -> None:
         self.progress.advance(self.frames_task)
+
+    def _on_warning(self, text: str) -> None:
+        if self.warnings:
+            self.console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
 
     def hooks(self) -> Hooks:
         return Hooks(
@@ -82,4 +118,5 @@ class StoryProgress:
             on_call=self._on_call,
             on_step=self._on_step,
             on_frame=self._on_frame,
+            on_warning=self._on_warning,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import resource
 import sys
 import time
@@ -15,15 +16,17 @@ from PIL import Image
 
 from . import __version__
 from .atomic import atomic_write_bytes, atomic_write_text
+from .errors import InvalidInput
 from .plan import Plan, PlannedFrame
 from .render import a1111_parameters, make_grid, read_png_metadata, save_png
 
 MANIFEST = "manifest.json"
 GRID = "grid.png"
+FRAME_FILE = re.compile(r"frame_\d+\.png")  # how build_plan names frames
 SCHEMA_VERSION = 1
 
 
-class OutputConflict(Exception):
+class OutputConflict(InvalidInput):
     """The output folder belongs to another story (or to something else)."""
 
 
@@ -158,11 +161,24 @@ class StoryRun:
         return path
 
     def remove_stale_frames(self) -> list[Path]:
-        """Delete frame files that the current plan does not have (after --overwrite)."""
+        """Delete frames an earlier run wrote that the current plan no longer has (a shortened
+        story, or another story after --overwrite). Only files the previous manifest lists and
+        whose embedded key is the one it recorded are removed: never a file storydiff did not
+        write, nor one replaced since."""
         current = {f.file for f in self.plan.frames}
-        stale = [p for p in self.folder.glob("frame_*.png") if p.name not in current]
-        for path in stale:
-            path.unlink()
+        stale = []
+        for entry in self.previous.get("frames", []):
+            name = entry.get("file") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or name in current or Path(name).name != name:
+                continue
+            path = self.folder / name
+            try:
+                meta = read_png_metadata(path)[1] if path.is_file() else None
+            except ValueError:
+                continue  # unreadable: not provably ours
+            if meta is not None and meta.get("key") == entry.get("key"):
+                path.unlink()
+                stale.append(path)
         return stale
 
     def write_grid(self) -> Path:

@@ -85,16 +85,17 @@ def format_loc(loc: Loc) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # `allow_inf_nan=False`: YAML reads `.inf`/`.nan` as floats, and an infinite guidance
+    # validates but renders black frames.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class Bank(_Strict):
-    """Where the reference bank lives and what it holds (see README, "Performance")."""
+    """What the reference bank holds (see README, "Story format")."""
 
-    placement: Literal["auto", "device", "cpu"]
     dtype: Literal["auto", "float32", "float16", "bfloat16"]
     levels: list[Literal["sa32", "sa64"]] = Field(min_length=1)
     max_step: int | None = Field(ge=1)
@@ -125,6 +126,16 @@ class Consistency(_Strict):
         if len(set(value)) != len(value):
             raise ValueError("list each block at most once")
         return value
+
+
+class FreeU(_Strict):
+    """FreeU's re-weighting of the UNet's skip (s1, s2) and backbone (b1, b2) features, as
+    diffusers' `enable_freeu`; StoryDiffusion's app uses s1 0.6, s2 0.4, b1 1.1, b2 1.2."""
+
+    s1: float = Field(ge=0.0)
+    s2: float = Field(ge=0.0)
+    b1: float = Field(ge=0.0)
+    b2: float = Field(ge=0.0)
 
 
 class FrameSpec(_Strict):
@@ -173,7 +184,8 @@ class Story(_Strict):
     steps: int = Field(ge=1, le=1000)
     guidance: float = Field(ge=0.0)
     scheduler: str
-    noise: Literal["shared", "per-frame"]
+    noise: Literal["shared", "identical", "per-frame"]
+    freeu: FreeU | None
     consistency: Consistency
 
     _check_sizes = field_validator("width", "height")(_multiple_of_32)
@@ -399,6 +411,27 @@ def frame_tags(prompt: str) -> list[str]:
     return [t.strip() for t in TAG_RE.findall(prompt)]
 
 
+def frame_characters(story: Story, prompt: str) -> tuple[str, ...]:
+    """Characters a frame shows, in the story's definition order."""
+    tags = frame_tags(prompt)
+    if NO_CHARACTER_TAG in tags:
+        return ()
+    cast = story.cast
+    if story.identity is not None:
+        return tuple(cast)
+    return tuple(name for name in cast if name in tags)
+
+
+def single_character_frames(story: Story) -> dict[str, list[int]]:
+    """For each character, the frames that show it and no other character."""
+    out: dict[str, list[int]] = {name: [] for name in story.cast}
+    for i, frame in enumerate(story.frames):
+        shown = frame_characters(story, frame.prompt)
+        if len(shown) == 1:
+            out[shown[0]].append(i)
+    return out
+
+
 def is_model_path(model: str) -> bool:
     return (
         model.startswith((".", "/", "~"))
@@ -489,10 +522,13 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
                     )
                 )
             elif name not in defined:
+                # Tags are case-sensitive: point at the name that differs only in case.
+                alike = [d for d in defined if d.casefold() == name.casefold()]
+                hint = f" (tags are case-sensitive: [{alike[0]}]?)" if alike else ""
                 problems.append(
                     (
                         ("frames", i),
-                        f"unknown character tag [{name}]; defined: {', '.join(defined)}",
+                        f"unknown character tag [{name}]; defined: {', '.join(defined)}{hint}",
                     )
                 )
         if NO_CHARACTER_TAG in tags and names:
@@ -508,15 +544,20 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
             (("consistency", "stride"), "must not exceed consistency.window (frames would skip)")
         )
     if story.uses_consistency and story.consistency.mode == "reference" and not problems:
-        from .plan import single_character_frames
-
         singles = single_character_frames(story)
+        shown = {name for frame in story.frames for name in frame_characters(story, frame.prompt)}
         need = story.consistency.id_length
         for name in defined:
             have = len(singles[name])
             if have < need:
                 where = ("characters", name) if story.characters is not None else ("identity",)
-                used = "is never shown" if have == 0 else f"is shown alone in only {have} frame(s)"
+                if have:
+                    used = f"is shown alone in only {have} frame(s)"
+                elif name in shown:
+                    # Frames with two characters are no references: say why they do not count.
+                    used = "is never shown alone (only together with other characters)"
+                else:
+                    used = "is never shown"
                 problems.append(
                     (
                         where,
@@ -526,3 +567,21 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
                     )
                 )
     return problems
+
+
+def story_warnings(story: Story) -> list[tuple[Loc, str]]:
+    """Things a valid story probably did not mean (the plan carries them as warnings)."""
+    warnings: list[tuple[Loc, str]] = []
+    first: dict[str, str] = {}
+    for name in story.characters or {}:
+        other = first.setdefault(name.casefold(), name)
+        if other != name:
+            # Both are valid, but a tag typed in the wrong case silently picks the other one.
+            warnings.append(
+                (
+                    ("characters", name),
+                    f"'{name}' and '{other}' differ only in case; tags are case-sensitive, so "
+                    f"[{name}] and [{other}] are two characters: rename one",
+                )
+            )
+    return warnings

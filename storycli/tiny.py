@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .tokens import bytes_to_unicode
+
 if TYPE_CHECKING:
     import diffusers
     import transformers
@@ -80,27 +82,9 @@ _CORPUS = """
 _WORDS: tuple[str, ...] = tuple(_CORPUS.split())
 
 
-@lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
 def _learn_merges(words: tuple[str, ...], num_merges: int) -> list[tuple[str, str]]:
     """Learn ``num_merges`` BPE merges over ``words`` deterministically (CLIP-style ``</w>``)."""
-    byte_map = _bytes_to_unicode()
+    byte_map = bytes_to_unicode()
     freqs: Counter[tuple[str, ...]] = Counter()
     for word in words:
         chars = [byte_map[b] for b in word.encode("utf-8")]
@@ -141,7 +125,7 @@ def _learn_merges(words: tuple[str, ...], num_merges: int) -> list[tuple[str, st
 @lru_cache(maxsize=1)
 def _vocab_and_merges() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
     """The tiny tokenizer's vocabulary (as ordered items) and merges, computed once."""
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + [c + _EOW for c in byte_chars]
     merges = _learn_merges(_WORDS, _NUM_MERGES)
     tokens += ["".join(m) for m in merges]

@@ -219,6 +219,25 @@ def test_frames_have_the_requested_count_and_size(
     assert all(frame.size == size and frame.mode == "RGB" for frame in frames)
 
 
+def test_image_space_sparsectrl_sizes_latents_from_the_keyframes() -> None:
+    """The scribble layout: SparseCtrl conditioning in pixel space, not VAE latents."""
+    from storycli.motion.encoder import ImageEncoder
+    from storycli.motion.tiny_video import build_tiny_animatediff_stack
+
+    pipe = build_tiny_animatediff_stack(image_condition=True)
+    controlnet = pipe.controlnet
+    assert not controlnet.config.use_simplified_condition_embedding
+    assert controlnet.config.conditioning_channels == 3
+    preset = resolve_video_preset("tiny", load_video_presets())
+    pipe.set_ip_adapter_scale(preset.ip_scale)
+    encoder = ImageEncoder(pipe.image_encoder, pipe.feature_extractor, "tiny", "cpu", torch.float32)
+    image_space = AnimateDiffDecoder(pipe, encoder, preset)
+    size = (64, 48)  # not square: width and height must not be swapped either
+    frames = image_space.transition(request(size))
+    assert len(frames) == FRAMES
+    assert all(frame.size == size and frame.mode == "RGB" for frame in frames)
+
+
 def test_same_seed_same_frames(decoder: AnimateDiffDecoder, reference: list) -> None:
     again = decoder.transition(request())
     assert np.array_equal(pixels(again), pixels(reference))
@@ -293,3 +312,99 @@ def test_lerp_frames_endpoints() -> None:
     assert out.shape == (5, 3)
     assert torch.equal(out[0], a) and torch.equal(out[-1], b)
     assert torch.allclose(out[2], torch.full((3,), 0.5))
+
+
+# ------------------------------------------------------------ the real stack's hub layouts
+
+
+def _save_tiny_stack_repos(root: Path) -> dict[str, Path]:
+    """The default preset's five repos as tiny random ones, in the real repos' layouts: an SD1.5
+    pipeline folder (fp16 files only, as `hf download --include "*fp16*"` leaves), a motion
+    adapter, a SparseCtrl model, and h94/IP-Adapter's models/ip-adapter_sd15.safetensors (the
+    original flat key format) next to models/image_encoder/."""
+    from diffusers import StableDiffusionPipeline, UNetMotionModel
+    from safetensors.torch import save_file
+    from test_models import quiet_save, save_tiny_ip_adapter_repo
+
+    from storycli.motion import tiny_video
+    from storycli.tiny import build_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        tokenizer = build_tokenizer()
+        unet = tiny_video._tiny_unet()
+        adapter = tiny_video._tiny_motion_adapter()
+        controlnet = tiny_video._tiny_sparsectrl()
+        tiny_video._wake_zero_layers(controlnet)
+        base = StableDiffusionPipeline(
+            vae=tiny_video._tiny_vae(),
+            text_encoder=tiny_video._tiny_text_encoder(tokenizer),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=tiny_video._tiny_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        with tiny_video.quiet_diffusers_models():
+            motion_unet = UNetMotionModel.from_unet2d(unet, adapter)
+        ip = tiny_video._ip_adapter_state_dict(motion_unet, EMBED_DIM)
+    repos = {
+        "stable-diffusion-v1-5/stable-diffusion-v1-5": root / "sd15",
+        "guoyww/animatediff-motion-adapter-v1-5-3": root / "motion",
+        "guoyww/animatediff-sparsectrl-rgb": root / "sparsectrl",
+        "h94/IP-Adapter": root / "ip-adapter",
+    }
+    torch.nn.Module.to(base.unet, torch.float16)
+    base.to(torch.float16)
+    quiet_save(base, repos["stable-diffusion-v1-5/stable-diffusion-v1-5"], variant="fp16")
+    quiet_save(adapter, repos["guoyww/animatediff-motion-adapter-v1-5-3"])
+    quiet_save(controlnet, repos["guoyww/animatediff-sparsectrl-rgb"])
+    save_tiny_ip_adapter_repo(repos["h94/IP-Adapter"])
+    flat = {f"{part}.{k}": v.contiguous() for part, d in ip.items() for k, v in d.items()}
+    save_file(flat, str(repos["h94/IP-Adapter"] / "models" / "ip-adapter_sd15.safetensors"))
+    return repos
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument")  # diffusers' call
+def test_default_stack_loads_from_hub_layouts_offline(hub_offline: None, tmp_path: Path) -> None:
+    import huggingface_hub.constants
+    import yaml
+    from test_models import hub_repo
+
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    commits = {}
+    for i, (repo, folder) in enumerate(_save_tiny_stack_repos(tmp_path / "repos").items()):
+        commits[repo] = f"{i + 1}" * 40
+        hub_repo(cache, repo, folder, commit=commits[repo])
+    # The default preset's components, at the tiny stack's size and one step.
+    presets = load_video_presets()
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    entry = dataclasses.asdict(presets[DEFAULT_VIDEO_PRESET]) | {"size": 64, "steps": 1}
+    entry.pop("name")
+    (configs / "video_models.yaml").write_text(
+        yaml.safe_dump({DEFAULT_VIDEO_PRESET: entry}), encoding="utf-8"
+    )
+    decoder = load_animatediff_decoder(device="cpu", configs_dir=configs)
+    described = decoder.describe()
+    assert described["image_encoder"] == "openclip-vit-h"
+    sources = {
+        "base": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "motion_adapter": "guoyww/animatediff-motion-adapter-v1-5-3",
+        "sparsectrl": "guoyww/animatediff-sparsectrl-rgb",
+        "ip_adapter": "h94/IP-Adapter",
+        "image_encoder": "h94/IP-Adapter",
+    }
+    assert {k: described[f"{k}_revision"] for k in sources} == {
+        k: commits[repo] for k, repo in sources.items()
+    }
+    assert decoder.pipe.unet.dtype == torch.float32  # fp16 files, loaded for the CPU
+    frames = decoder.transition(request())
+    assert len(frames) == FRAMES and frames[0].size == (64, 64)
+
+
+def test_tiny_stack_describes_no_hub_revisions(decoder: AnimateDiffDecoder) -> None:
+    described = decoder.describe()
+    revisions = [k for k in described if k.endswith("_revision")]
+    assert len(revisions) == 5 and all(described[k] is None for k in revisions)

@@ -9,7 +9,12 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from storycli.consistency import ConsistentSelfAttnProcessor, CSAState, csa_layers, installed_csa
 from storycli.consistency.csa import BankSettings, CSASettings
-from storycli.keyframes import generate_keyframes, render_size
+from storycli.keyframes import (
+    generate_keyframes,
+    generate_keyframes_per_call,
+    render_size,
+    story_chunks,
+)
 from storycli.models import set_scheduler
 from storycli.plan import build_plan
 from storycli.story import load_story
@@ -125,7 +130,7 @@ def test_write_phase_without_cfg(pipe):
     with installed_csa(unet, state):
         base = run_call(unet, state, inputs, "write", 2, character="A")
         moved = run_call(unet, state, perturb(inputs, 1), "write", 2, character="A")
-        groups = {t.shape[0] for steps in state.bank["A"].values() for t in steps.values()}
+        groups = {t.shape[1] for steps in state.bank["A"].values() for t in steps.values()}
     assert groups == {1}
     assert (moved[0] - base[0]).abs().max() > 1e-4
 
@@ -173,7 +178,7 @@ def test_draws_are_seeded_and_bank_has_expected_shape(pipe):
     # sa32 level is (16/4)^2 = 16 tokens, sa64 (16/2)^2 = 64; rate 0.5 → 8 and 32 per image.
     for layer in layers:
         tokens = 16 if layer.level == "sa32" else 64
-        assert bank_a[layer.name].shape[:2] == (2, 3 * tokens // 2)
+        assert bank_a[layer.name].shape[:3] == (2, 2, 3 * tokens // 2)  # (k/v, CFG, ...)
 
 
 def test_schedule_warmup_and_probabilities():
@@ -219,21 +224,32 @@ consistency: {id_length: 2, warmup_steps: 1, prob_early: 1.0, prob_late: 1.0}
 
 
 def render(
-    pipe, tmp_path, consistency: dict, compile_backend: str | None = None
+    pipe,
+    tmp_path,
+    consistency: dict,
+    compile_backend: str | None = None,
+    per_call: bool = False,
+    frame_batch: int = 1,
+    text: str = STORY,
+    **story_overrides,
 ) -> dict[int, np.ndarray]:
     path = tmp_path / "story.yaml"
-    path.write_text(STORY)
-    story = load_story(path, overrides={"consistency": {"id_length": 2, **consistency}})
+    path.write_text(text)
+    overrides = {"consistency": {"id_length": 2, **consistency}, **story_overrides}
+    story = load_story(path, overrides=overrides)
     plan = build_plan(story)
     set_scheduler(pipe, story.scheduler)
     frames: dict[int, np.ndarray] = {}
-    generate_keyframes(
+    run = generate_keyframes_per_call if per_call else generate_keyframes
+    extra = {} if per_call else {"frame_batch": frame_batch}
+    run(
         pipe,
         plan,
         range(len(plan.frames)),
         render_size(plan, None),
-        on_frame=lambda i, image, _s: frames.__setitem__(i, np.asarray(image)),
+        on_frame=lambda i, image, _s: frames.__setitem__(i, np.asarray(image).astype(int)),
         compile_backend=compile_backend,
+        **extra,
     )
     return frames
 
@@ -336,7 +352,7 @@ def test_temporal_counts_cap_at_available_tokens():
     assert int(counts.max()) <= 4
 
 
-def test_bank_options_dtype_levels_steps_and_placement(pipe):
+def test_bank_options_dtype_levels_and_steps(pipe):
     unet = pipe.unet
     inputs = unet_inputs(4)
     frame = unet_inputs(2, seed=8)
@@ -350,9 +366,8 @@ def test_bank_options_dtype_levels_steps_and_placement(pipe):
         return entries, read
 
     full, read_full = bank_and_read(BankSettings())
-    cpu, read_cpu = bank_and_read(BankSettings(placement="cpu"))
-    assert torch.equal(read_cpu, read_full)
-    assert all(t.device.type == "cpu" for t in cpu.values())
+    # The bank holds the sampled tokens' keys and values: (2, CFG groups, k, channels).
+    assert all(t.shape[:2] == (2, 2) for t in full.values())
 
     half, read_half = bank_and_read(BankSettings(dtype=torch.bfloat16))
     assert all(t.dtype == torch.bfloat16 for t in half.values())
@@ -462,3 +477,181 @@ def test_window_mode_story_runs_and_plans_one_windowed_call(pipe, tmp_path):
         on_frame=lambda i, image, _s: seen.__setitem__(i, np.asarray(image)),
     )
     assert sorted(seen) == list(range(7))
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "temporal"])
+def test_id_length_one_runs_and_its_bank_is_read(pipe, tmp_path, sampling):
+    """A write batch of one reference has no other image to sample: it attends to its own
+    tokens only (so it equals plain attention), yet its samples fill the bank other frames
+    read."""
+    kwargs = {"sa32": 1.0, "sa64": 1.0, "sampling": sampling}
+    one = render(pipe, tmp_path, {**kwargs, "id_length": 1})
+    plain = render(pipe, tmp_path, {"method": "none", "id_length": 1})
+    assert sorted(one) == list(range(6))
+    # Frames 1 and 2 are the lone references of Mara and Ollie: plain attention, same pixels.
+    assert np.array_equal(one[0], plain[0]) and np.array_equal(one[1], plain[1])
+    # Frame 3 reads Mara's one-image bank, so it differs from plain attention.
+    assert not np.array_equal(one[2], plain[2])
+
+
+def test_window_mode_with_one_character_frame_runs(pipe, tmp_path):
+    path = tmp_path / "lone.yaml"
+    path.write_text(
+        "identity: a fox\nsteps: 2\nwidth: 64\nheight: 64\nscheduler: euler\n"
+        "consistency: {mode: window, warmup_steps: 0, prob_early: 1.0}\n"
+        'frames:\n  - "walks alone"\n  - "[NC] an empty field"\n'
+    )
+    plan = build_plan(load_story(path))
+    assert [(c.phase, c.frames) for c in plan.calls] == [("window", (0,)), ("plain", (1,))]
+    set_scheduler(pipe, "euler")
+    seen: dict[int, np.ndarray] = {}
+    generate_keyframes(
+        pipe,
+        plan,
+        range(2),
+        render_size(plan, None),
+        on_frame=lambda i, image, _s: seen.__setitem__(i, np.asarray(image)),
+    )
+    assert sorted(seen) == [0, 1]
+
+
+# ------------------------------------------------------------------------------ story loop
+
+WINDOW_STORY = """\
+identity: a fox
+frames:
+  - "runs through the snow"
+  - "sleeps in a tree"
+  - "[NC] an empty field"
+  - "jumps over a stream"
+  - "watches the stars"
+steps: 4
+width: 64
+height: 64
+scheduler: euler
+consistency: {mode: window, window: 3, stride: 2, warmup_steps: 1, prob_early: 0.8}
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "consistency", "overrides", "frame_batch"),
+    [
+        ("two characters", {"prob_early": 0.6, "prob_late": 0.6}, {}, 1),
+        ("read batches with mixed skips", {"prob_early": 0.5, "prob_late": 0.5}, {}, 3),
+        ("no CFG", {}, {"guidance": 1.0}, 2),
+        ("temporal sampling", {"sampling": "temporal", "id_length": 2}, {}, 1),
+        ("multistep scheduler", {}, {"scheduler": "dpmpp-2m-karras"}, 2),
+        ("ancestral scheduler", {}, {"scheduler": "euler-a", "noise": "per-frame"}, 1),
+        ("no consistency", {"method": "none"}, {}, 4),
+        ("window mode", {}, {"text": WINDOW_STORY}, 2),
+    ],
+)
+def test_story_loop_equals_the_per_call_schedule(
+    pipe, tmp_path, case, consistency, overrides, frame_batch
+):
+    """All frames advancing step by step through one scheduler give the frames of one full
+    pipeline call per plan call (each call's own noise and CSA draws), to float rounding."""
+    overrides = dict(overrides)
+    text = overrides.pop("text", STORY)
+    loop = render(pipe, tmp_path, consistency, frame_batch=frame_batch, text=text, **overrides)
+    reference = render(pipe, tmp_path, consistency, per_call=True, text=text, **overrides)
+    assert sorted(loop) == sorted(reference)
+    worst = max(int(np.abs(loop[i] - reference[i]).max()) for i in loop)
+    assert worst <= 2, f"{case}: frames differ by up to {worst}/255"
+
+
+def test_story_loop_bank_never_holds_more_than_one_step(pipe, tmp_path, monkeypatch):
+    seen: list[int] = []
+    drop = CSAState.drop_step
+
+    def recording(self, step):
+        seen.append(self.banked_steps())
+        drop(self, step)
+        assert self.banked_steps() == 0
+
+    monkeypatch.setattr(CSAState, "drop_step", recording)
+    render(pipe, tmp_path, {"prob_early": 1.0, "prob_late": 1.0})
+    assert seen == [0] + [1] * 3  # warm-up step banks nothing, then one step at a time
+
+
+def test_story_chunks_group_reads_by_characters_and_batch(tmp_path):
+    path = tmp_path / "story.yaml"
+    path.write_text(STORY)
+    plan = build_plan(load_story(path))
+    chunks = story_chunks(plan, plan.calls, frame_batch=4)
+    assert [(c.phase, [f for call in c.calls for f in call.frames]) for c in chunks] == [
+        ("write", [0, 2]),
+        ("write", [1, 3]),
+        ("read", [4]),
+        ("plain", [5]),
+    ]
+
+
+def test_layers_are_indexed_in_forward_order(pipe):
+    """With `mid` among the blocks, a layer's index (which picks its skip flag) follows the order
+    the UNet's forward runs the layers: down, mid, up (not `attn_processors`' down, up, mid)."""
+    unet = pipe.unet
+    layers = csa_layers(unet, ("down", "mid", "up"))
+    ran: list[str] = []
+    modules = dict(unet.named_modules())
+    handles = [
+        modules[layer.name].register_forward_pre_hook(
+            lambda m, a, name=layer.name: ran.append(name)
+        )
+        for layer in layers
+    ]
+    try:
+        with torch.inference_mode():
+            unet(**unet_inputs(1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [layer.name for layer in layers] == ran
+    assert [layer.index for layer in layers] == list(range(len(layers)))
+    kinds = [layer.name.split(".")[0] for layer in layers]
+    assert kinds.index("mid_block") < kinds.index("up_blocks")
+
+
+@pytest.mark.parametrize("noise", ["shared", "identical", "per-frame"])
+def test_initial_noise_modes(pipe, tmp_path, noise):
+    """`shared` (default): a character's references draw their noise as one batch from one
+    generator seeded with the story seed (so they differ), as StoryDiffusion's app does; every
+    other frame starts from that seed's one-image noise. `identical`: all frames the same.
+    `per-frame`: frame i from seed + i."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from storycli.keyframes import initial_noise
+
+    path = tmp_path / "story.yaml"
+    path.write_text(STORY)
+    plan = build_plan(load_story(path, overrides={"noise": noise, "seed": 11}))
+    size = render_size(plan, None)
+    noise_of = initial_noise(pipe, list(plan.frames), size, torch.float32)
+    shape = (4, size.height // pipe.vae_scale_factor, size.width // pipe.vae_scale_factor)
+
+    def app_batch(seed: int, n: int) -> torch.Tensor:
+        return randn_tensor((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+    mara, ollie = plan.references["Mara"], plan.references["Ollie"]  # (0, 2), (1, 3)
+    if noise == "shared":
+        batch = app_batch(11, 2)
+        assert torch.equal(noise_of[list(mara)], batch)
+        assert torch.equal(noise_of[list(ollie)], batch)
+        assert not torch.equal(noise_of[0], noise_of[2])
+        assert torch.equal(noise_of[4], batch[0]) and torch.equal(noise_of[5], batch[0])
+    elif noise == "identical":
+        assert all(torch.equal(noise_of[i], app_batch(11, 1)[0]) for i in range(6))
+    else:
+        assert all(torch.equal(noise_of[i], app_batch(11 + i, 1)[0]) for i in range(6))
+
+
+def test_freeu_changes_pixels_and_off_matches_no_freeu(pipe, tmp_path):
+    app = {"s1": 0.6, "s2": 0.4, "b1": 1.1, "b2": 1.2}
+    base = render(pipe, tmp_path, {})
+    on = render(pipe, tmp_path, {}, freeu=app)
+    neutral = render(pipe, tmp_path, {}, freeu={"s1": 1.0, "s2": 1.0, "b1": 1.0, "b2": 1.0})
+    assert all(np.abs(on[i] - base[i]).max() > 4 for i in base)
+    # Identity scales change nothing but the Fourier filter's float rounding.
+    assert max(int(np.abs(neutral[i] - base[i]).max()) for i in base) <= 1
+    assert all(np.array_equal(render(pipe, tmp_path, {})[i], base[i]) for i in base)  # undone
+    assert pipe.unet.up_blocks[0].__dict__.get("b1") is None

@@ -449,7 +449,7 @@ def test_another_story_with_the_same_name_needs_overwrite(fresh: dict[str, Any])
     other_path = write_story(fresh["story"].parent.parent / "other" / "pair.yaml", other)
     before = snapshot(folder)
 
-    result = run_cli("generate", other_path, "--out", fresh["out"], code=1)
+    result = run_cli("generate", other_path, "--out", fresh["out"], code=2)
 
     assert "--overwrite" in result.stderr
     assert "error:" in result.stderr
@@ -719,3 +719,163 @@ def test_local_folder_that_is_not_a_diffusers_model(
     )
     assert "model_index.json" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------- bad options and output places
+
+
+def test_shortened_story_removes_only_its_own_stale_frames(fresh: dict[str, Any]) -> None:
+    folder = fresh["folder"]
+    foreign = folder / "frame_09.png"  # looks like a frame, but storydiff never wrote it
+    Image.new("RGB", (8, 8)).save(foreign)
+    story = pair_story()
+    story["frames"] = story["frames"][:4]
+    write_story(fresh["story"], story)
+
+    summary = generate_json(fresh["story"], fresh["out"])
+
+    assert summary["removed"] == [str(folder / "frame_05.png"), str(folder / "frame_06.png")]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*PAIR_FILES[:4], "frame_09.png", "grid.png", "manifest.json"]
+    )
+    assert generated(summary) == set()  # the four kept frames are unchanged
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needles"),
+    [
+        ("--dtype", "float8", ["error: --dtype float8", "float32, float16, bfloat16"]),
+        ("--device", "gpu", ["error: --device gpu", "cpu, cuda, cuda:N", "mps"]),
+        ("--offload", "all", ["error: --offload all", "none, model, sequential"]),
+    ],
+)
+def test_bad_hardware_options_exit_2_naming_the_values(
+    tmp_path: Path, option: str, value: str, needles: list[str]
+) -> None:
+    story = write_story(tmp_path / "pair.yaml", pair_story())
+    result = run_cli("generate", story, "--out", tmp_path / "out", option, value, code=2)
+    assert all(n in result.stderr for n in needles), result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_device_without_a_gpu_is_invalid(tmp_path: Path) -> None:
+    if torch_cuda_available():
+        pytest.xfail("this machine has a GPU")
+    story = write_story(tmp_path / "pair.yaml", pair_story())
+    result = run_cli("generate", story, "--out", tmp_path / "out", "--device", "cuda", code=2)
+    assert "no CUDA GPU" in result.stderr and "--device cpu" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("where", ["file", "read-only"])
+def test_unwritable_out_fails_before_loading_the_model(tmp_path: Path, where: str) -> None:
+    story = write_story(tmp_path / "pair.yaml", pair_story(model="sdxl"))
+    if where == "file":
+        out = tmp_path / "taken"
+        out.write_text("not a folder")
+        needle = "is a file, not a folder"
+    else:
+        out = Path("/sys/storydiff-test-out")  # read-only even for root
+        needle = "cannot write there"
+    # The sdxl preset is not cached offline: reaching the model load would say so instead.
+    result = run_cli("generate", story, "--out", out, code=2)
+    assert needle in result.stderr and "--out" in result.stderr, result.stderr
+    assert "not in the local Hugging Face cache" not in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_help_shows_plain_flags_as_flags() -> None:
+    for command in ("generate", "validate", "animate", "train-predictor"):
+        text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).stdout
+        verbose = [line for line in text.splitlines() if "--verbose" in line]
+        assert "<bool>" not in text and "<int>" not in "".join(verbose), text
+        assert verbose or command == "validate"
+        assert "--no-overwrite" not in text and "--no-json" not in text
+        assert "--json" in text and "--help" in text
+
+
+def test_verbose_shows_storydiff_detail_but_no_library_debug_lines(tmp_path: Path) -> None:
+    story = write_story(
+        tmp_path / "pair.yaml",
+        pair_story(steps=1, frames=PAIR_FRAMES[:1], consistency={"method": "none"}),
+    )
+    proc = subprocess.run(
+        [*storydiff_command(), "generate", str(story), "--out", str(tmp_path / "out"), "-v"],
+        capture_output=True,
+        text=True,
+        env=offline_env(tmp_path),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "DEBUG PIL" not in proc.stderr, proc.stderr[:2000]
+
+
+def test_warnings_reach_the_console_even_with_json(tmp_path: Path) -> None:
+    """Plan warnings (a prompt over 77 CLIP tokens), the model's own tokenizer cutting more, and
+    caption characters no font draws: each one line on stderr; stdout stays one JSON document."""
+    frames = [dict(f) for f in PAIR_FRAMES]
+    frames[4]["prompt"] = "[Ann] " + " ".join(["sings a long song"] * 25)
+    frames[0]["caption"] = "private \ue000 glyph"
+    story = write_story(tmp_path / "pair.yaml", pair_story(frames=frames))
+    result = run_cli("generate", story, "--out", tmp_path / "out", "--json")
+    json.loads(result.stdout)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert any("frames[4]: prompt is" in w and "dropped" in w for w in warnings), warnings
+    assert any("frames[4]: this model's text encoder reads at most" in w for w in warnings)
+    assert any("grid.png: no font" in w and "\ue000" in w for w in warnings), warnings
+    quiet = run_cli("generate", story, "--out", tmp_path / "out2", "-q")
+    assert "warning:" not in quiet.stderr
+
+
+def test_validate_prints_warnings_and_still_exits_0(tmp_path: Path) -> None:
+    story = pair_story(characters={"Ann": ANN, "ann": BOB})
+    story["frames"] = [{"prompt": p["prompt"].replace("[Bob]", "[ann]")} for p in PAIR_FRAMES]
+    path = write_story(tmp_path / "pair.yaml", story)
+    result = run_cli("validate", path)
+    assert "warning:" in result.stderr and "differ only in case" in result.stderr
+    data = json.loads(run_cli("validate", path, "--json").stdout)
+    assert any("differ only in case" in w for w in data["stories"][0]["warnings"])
+
+
+def test_killed_run_resumes_from_its_checkpoint_with_identical_pixels(tmp_path: Path) -> None:
+    """SIGKILL mid-loop (a real subprocess), then the same command: it continues after the last
+    saved step and gives the very pixels of an uninterrupted run; the checkpoint then goes."""
+    import signal
+    import time
+
+    story = write_story(
+        tmp_path / "pair.yaml",
+        pair_story(steps=40, scheduler="dpmpp-2m-karras", frames=PAIR_FRAMES[:5]),
+    )
+    whole = tmp_path / "whole"
+    run_cli("generate", story, "--out", whole, "-q")
+
+    out = tmp_path / "killed"
+    command = [*storydiff_command(), "generate", str(story), "--out", str(out), "-q"]
+    command += ["--checkpoint-every", "3"]
+    checkpoint = out / "pair" / ".story-loop.pt"
+    proc = subprocess.Popen(command, env=offline_env(tmp_path), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert checkpoint.exists() and not (out / "pair" / "frame_01.png").exists()
+
+    summary = generate_json(story, out)
+    manifest = json.loads((out / "pair" / "manifest.json").read_text(encoding="utf-8"))
+    resumed = manifest["story_loop"]["checkpoint"]["resumed_from_step"]
+    assert resumed is not None and resumed >= 2, manifest["story_loop"]
+    assert generated(summary) == set(range(1, 6))
+    assert not checkpoint.exists()
+    for name in PAIR_FILES[:5]:
+        assert np.array_equal(pixels(out / "pair" / name), pixels(whole / "pair" / name)), name
+    assert not [p.name for p in (out / "pair").iterdir() if p.name.endswith(".tmp")]

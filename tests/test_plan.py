@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -11,8 +13,10 @@ from typer.testing import CliRunner
 
 from storycli.cli import app
 from storycli.config import Configs
-from storycli.plan import Plan, build_plan, derive_seed
+from storycli.plan import Plan, PlanWarning, build_plan
+from storycli.seeds import derive_seed
 from storycli.story import Story, load_story
+from storycli.tokens import count_tokens
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = {"source": "tiny", "variant": None}
@@ -327,7 +331,7 @@ def test_shipped_examples_plan(tmp_path: Path) -> None:
     assert lighthouse.references == {"identity": (0, 1, 2)}
     assert lighthouse.frames[3].characters == ()
     assert lighthouse.frames[1].caption == "Something is out there."
-    fox = build_plan(load_story(REPO / "stories" / "fox_tiny.yaml"))
+    fox = build_plan(load_story(REPO / "stories" / "fox_compare.yaml"))
     assert fox.references == {}
     assert {f.role for f in fox.frames} == {"plain"}
 
@@ -469,3 +473,146 @@ def test_derive_seed() -> None:
     assert len(seeds) == 6
     for seed in seeds:
         assert 0 <= seed < 2**63
+
+
+# --------------------------------------------------------------------------------------------------
+# Token budget: SDXL's text encoders see 77 tokens (start and end included)
+
+# 20 words that are one CLIP token each, and then some: 90 tokens on their own.
+LONG_FRAME = " ".join(["cat", "dog", "sun", "moon", "tree"] * 18)
+
+
+def test_keys_of_prompts_within_budget_are_unchanged(tmp_path: Path) -> None:
+    # Computed before prompts were fitted into the token budget (b16c578): fitting, warnings
+    # and the new Plan field change no key of a prompt that fits, so no finished frame reruns.
+    assert keys(plan_of(tmp_path, TWO, "a.yaml")) == [
+        "07f14cd12808020f",
+        "0971981b2cb1f9d1",
+        "cf421cfb7780677d",
+        "f7bfd67946788871",
+        "d75d5396064cc840",
+        "6ef1b37c5e38db09",
+        "7863c3492820f46a",
+        "d333bacb4995ab5e",
+    ]
+    styled = identity_story(["runs through the snow", "[NC] a dark forest"], "style: comic\n")
+    assert keys(plan_of(tmp_path, styled, "b.yaml")) == ["cda90340ae48a3f8", "052989dc6501474f"]
+
+
+def test_long_prompt_keeps_the_style_and_warns(tmp_path: Path) -> None:
+    comic = Configs().styles["comic"]
+    text = identity_story(["runs through the snow", LONG_FRAME], "style: comic\n")
+    plan = plan_of(tmp_path, text)
+    short, long = plan.frames
+    assert short.prompt == comic.apply("a fox with a blue scarf, runs through the snow")
+    # The style's words are all there; the frame's own text lost words from its end.
+    assert long.prompt.startswith("comic book panel, a fox with a blue scarf, cat dog sun")
+    assert long.prompt.endswith(", bold ink lines, flat colours, graphic novel art")
+    assert count_tokens(long.prompt) == 75  # one-token words fill the budget exactly
+    # 15 style + 7 identity tokens leave 53 of the frame's 90 one-token words.
+    kept = LONG_FRAME.split()[:53]
+    assert long.prompt == comic.apply(f"a fox with a blue scarf, {' '.join(kept)}")
+    dropped = " ".join(LONG_FRAME.split()[53:])
+    assert plan.warnings == (
+        PlanWarning(
+            ("frames", 1),
+            # 15 style, 7 identity, 90 frame tokens, start and end.
+            f'prompt is 114 tokens, over the text encoder\'s 77: dropped "{dropped}"; '
+            "shorten the frame or its character description",
+        ),
+    )
+    assert str(plan.warnings[0]).startswith("frames[1]: prompt is 114 tokens")
+
+
+def test_long_prompt_without_style_is_trimmed_at_a_word(tmp_path: Path) -> None:
+    # "lighthousekeeper" is 3 tokens: the encoder would keep "ligh" of it, and the plan would
+    # show a prompt the model never sees.
+    frame = "[NC] " + "cat " * 74 + "lighthousekeeper in a vase"
+    plan = plan_of(tmp_path, identity_story([frame]))
+    assert plan.frames[0].prompt == ("cat " * 74).strip()
+    (warning,) = plan.warnings
+    assert warning.loc == ("frames", 0)
+    assert warning.message.endswith('dropped "lighthousekeeper in a vase"; shorten it')
+
+
+def test_long_character_description_is_named_in_the_warning(tmp_path: Path) -> None:
+    text = TWO.replace(f"Mara: {MARA}", f"Mara: {MARA}, {LONG_FRAME}")
+    plan = plan_of(tmp_path, text)
+    # Every frame that shows Mara is over budget, and nothing else.
+    mara = [f.index for f in plan.frames if "Mara" in f.characters]
+    assert [w.loc for w in plan.warnings] == [("frames", i) for i in mara]
+    assert all("or its character description" in w.message for w in plan.warnings)
+    assert all(count_tokens(plan.frames[i].prompt) <= 75 for i in mara)
+
+
+def test_long_negative_warns(tmp_path: Path) -> None:
+    negative = ", ".join(["blurry"] * 40)  # 79 tokens with its commas
+    plan = plan_of(tmp_path, identity_story(["runs"], f'style: comic\nnegative: "{negative}"\n'))
+    (warning,) = plan.warnings
+    assert warning.loc == ("negative",)
+    # The style's negative (13 tokens and a comma) comes first: the end of the story's goes.
+    assert warning.message.startswith("negative prompt (style's, then the story's) is 95 tokens")
+    # 93 tokens: the last 18 (nine ", blurry") are cut.
+    ignored = ", ".join(["blurry"] * 9)
+    assert warning.message.endswith(f'"{ignored}" is ignored; shorten it')
+
+
+def test_shipped_examples_have_no_warnings() -> None:
+    for example in sorted((REPO / "stories").glob("*.yaml")):
+        assert build_plan(load_story(example)).warnings == (), example
+
+
+def test_dry_run_json_lists_warnings(tmp_path: Path) -> None:
+    story = write(tmp_path, identity_story([LONG_FRAME, "runs"]))
+    result = CliRunner().invoke(app, ["generate", str(story), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    warnings = json.loads(result.stdout)["warnings"]
+    assert [w["field"] for w in warnings] == ["frames[0]"]
+    assert warnings[0]["message"].startswith("prompt is 99 tokens, over the text encoder's 77")
+
+
+def test_validation_and_planning_do_not_import_torch(tmp_path: Path) -> None:
+    path = write(tmp_path, identity_story([LONG_FRAME]))
+    code = (
+        "import sys\n"
+        "from storycli.plan import build_plan\n"
+        "from storycli.story import load_story\n"
+        f"assert build_plan(load_story({str(path)!r})).warnings\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------------
+# Story warnings
+
+
+def test_character_names_differing_only_in_case_warn(tmp_path: Path) -> None:
+    text = """\
+    characters:
+      Ann: a girl with a red scarf
+      Bob: a boy
+      ann: an old woman
+    model: tiny
+    consistency: {method: none}
+    frames:
+      - "[Ann] runs"
+      - "[ann] knits"
+    """
+    plan = plan_of(tmp_path, text)
+    assert plan.warnings == (
+        PlanWarning(
+            ("characters", "ann"),
+            "'ann' and 'Ann' differ only in case; tags are case-sensitive, so [ann] and [Ann] "
+            "are two characters: rename one",
+        ),
+    )
+    assert plan.frames[1].prompt == "an old woman knits"
+
+
+def test_distinct_names_do_not_warn(tmp_path: Path) -> None:
+    assert plan_of(tmp_path, TWO).warnings == ()

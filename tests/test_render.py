@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from storycli import atomic, render
 from storycli.render import (
@@ -276,10 +278,14 @@ def test_render_reexports_atomic_helpers() -> None:
 # make_grid
 
 
+def caption_size(width: int) -> int:
+    return max(10, width // 24)
+
+
 def caption_metrics(width: int) -> tuple[int, int]:
-    """(padding, line height) as documented in render._caption_metrics."""
-    size = max(10, width // 24)
-    ascent, descent = ImageFont.load_default(size=size).getmetrics()
+    """(padding, line height) as documented in render._caption_metrics (shipped font metrics)."""
+    size = caption_size(width)
+    ascent, descent = ImageFont.truetype(render.CAPTION_FONT_PATH, size).getmetrics()
     return max(4, size // 4), ascent + descent + max(2, size // 6)
 
 
@@ -363,16 +369,22 @@ def test_grid_long_caption_wraps_and_grows_band() -> None:
 
 
 def test_grid_wrap_respects_frame_width() -> None:
-    font = ImageFont.load_default(size=max(10, 192 // 24))
+    fonts = render._font_chain(caption_size(192))
+    font = ImageFont.truetype(render.CAPTION_FONT_PATH, caption_size(192))
     sentence = "The little fox walks through the quiet snowy forest at dawn"
     words = sentence.split()
-    lines = render._wrap(sentence, font, 180)
+    lines = render._wrap(sentence, fonts, 180)
     assert len(lines) > 1
     assert " ".join(lines).split() == words
-    assert all(font.getlength(line) <= 180 for line in lines)
+    # ASCII is measured with the shipped font alone.
+    assert all(fonts.length(line) == font.getlength(line) <= 180 for line in lines)
     # A single unbreakable word (no spaces, e.g. CJK) is split by characters.
-    pieces = render._wrap("x" * 200, font, 50)
+    pieces = render._wrap("x" * 200, fonts, 50)
     assert "".join(pieces) == "x" * 200 and all(font.getlength(p) <= 50 for p in pieces)
+    # ... but never between a letter and its combining accent.
+    pieces = render._wrap("e\u0301" * 60, fonts, 30)
+    assert "".join(pieces) == "e\u0301" * 60 and len(pieces) > 1
+    assert all(p.startswith("e") for p in pieces)
 
 
 def test_grid_caption_drawn_only_for_captioned_frame() -> None:
@@ -443,3 +455,138 @@ def test_grid_errors() -> None:
         make_grid([solid(COLORS[0])], [None], gap=-1)
     with pytest.raises(ValueError):
         make_grid([solid(COLORS[0])], ["x"], caption_height=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Caption fonts: the shipped Noto Sans, per-character fallback, uncovered_characters
+
+INTERNATIONAL = ["café", "niño", "straße", "—", "Ελλάδα", "Москва"]
+MISSING = "\ue000"  # private use: no glyph in the shipped font (nor in ordinary system fonts)
+
+
+@pytest.fixture
+def shipped_font_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a clean CI machine has: no system fallback fonts, only the shipped one."""
+    monkeypatch.setattr(render, "_system_font_files", lambda: ())
+
+
+def caption_band(caption: str, width: int = W) -> Image.Image:
+    """The caption band under a single frame ``width`` pixels wide."""
+    page = make_grid([solid(COLORS[0], (width, H))], [caption])
+    return page.crop((GAP, GAP + H, GAP + width, page.height - GAP))
+
+
+def test_shipped_font_and_licence_are_in_the_package() -> None:
+    path = Path(render.__file__).parent / "fonts" / "NotoSans-Regular.ttf"
+    assert path.resolve() == render.CAPTION_FONT_PATH
+    assert 100_000 < path.stat().st_size < 1_000_000
+    assert ImageFont.truetype(path, 12).getname() == ("Noto Sans", "Regular")
+    licence = (path.parent / "OFL.txt").read_text(encoding="utf-8")
+    assert "SIL OPEN FONT LICENSE" in licence and "Version 1.1" in licence
+    assert "Copyright 2015 Google LLC" in licence
+
+
+def test_cmap_reader_agrees_with_freetype() -> None:
+    """The pure-Python cmap reader says 'covered' exactly where FreeType finds a real glyph."""
+    coverage = render._coverage(str(render.CAPTION_FONT_PATH), 0)
+    # BASIC layout looks glyphs up directly (no shaping that hides or substitutes characters).
+    font = ImageFont.truetype(render.CAPTION_FONT_PATH, 12, layout_engine=ImageFont.Layout.BASIC)
+
+    def mask(ch: str) -> tuple[tuple[int, int], bytes]:
+        m = font.getmask(ch)
+        return m.size, bytes(m)
+
+    notdef = mask(MISSING)
+    codes = [*range(0x20, 0x600), *range(0x1E00, 0x2100), *range(0xE000, 0xE010), 0x4E2D]
+    disagree = [hex(c) for c in codes if (c in coverage) != (mask(chr(c)) != notdef)]
+    assert disagree == []
+    assert all(ord(ch) in coverage for ch in "éñßÖ—“”…ΕλЖМ")
+    assert ord("中") not in coverage and ord(MISSING) not in coverage
+
+
+@pytest.mark.usefixtures("shipped_font_only")
+def test_grid_draws_accents_greek_cyrillic_and_punctuation() -> None:
+    coverage = render._coverage(str(render.CAPTION_FONT_PATH), 0)
+    box = caption_band(MISSING)  # what a character without a glyph looks like (.notdef)
+    assert any(max(px) < 128 for px in box.getdata())
+    for caption in INTERNATIONAL:
+        assert all(ord(ch) in coverage for ch in caption), caption
+        band = caption_band(caption)
+        assert any(max(px) < 128 for px in band.getdata()), caption
+        for ch in caption:
+            assert caption_band(ch).tobytes() != box.tobytes(), f"{ch!r} drawn as a box"
+    # The band is exactly the shipped font's rendering, at the documented position.
+    size = caption_size(W)
+    pad, _ = caption_metrics(W)
+    font = ImageFont.truetype(render.CAPTION_FONT_PATH, size)
+    expected = Image.new("RGB", (W, band_height(1)), WHITE)
+    x = (W - font.getlength("Москва")) / 2
+    draw = ImageDraw.Draw(expected)
+    draw.text((x, pad + font.getmetrics()[0]), "Москва", font=font, fill=(0, 0, 0), anchor="ls")
+    assert caption_band("Москва").tobytes() == expected.tobytes()
+
+
+@pytest.mark.usefixtures("shipped_font_only")
+def test_uncovered_characters_shipped_font() -> None:
+    texts = ["café Жук", f"{MISSING} x \ue001", MISSING, " \t\n", "👍\ufe0f a\u200db", "中文"]
+    assert render.uncovered_characters(texts) == sorted([MISSING, "\ue001", "👍", "中", "文"])
+    assert render.uncovered_characters(INTERNATIONAL) == []
+    assert render.uncovered_characters([]) == []
+
+
+def test_uncovered_characters_with_system_fonts() -> None:
+    got = render.uncovered_characters(["café", "Жук", MISSING, "e\u0301"])
+    assert MISSING in got
+    assert not {"é", "Ж", "c", "e", "\u0301"} & set(got)
+
+
+def system_has_cjk_font() -> bool:
+    """Independently of the fallback search: does fontconfig list a Chinese font, or is one at
+    one of the usual places?"""
+    fc_list = shutil.which("fc-list")
+    if fc_list:
+        listed = subprocess.run([fc_list, ":lang=zh", "file"], capture_output=True, check=False)
+        if listed.stdout.strip():
+            return True
+    return any(path.is_file() for path in render._well_known_cjk_fonts())
+
+
+def test_cjk_uses_a_system_font_or_is_reported() -> None:
+    """Either way the outcome is checked: drawn with a system CJK font, or reported as missing."""
+    box = caption_band(MISSING)
+    han = caption_band("中")
+    if system_has_cjk_font():
+        assert render.uncovered_characters(["中文"]) == []
+        assert han.tobytes() != box.tobytes()
+        assert any(max(px) < 128 for px in han.getdata())
+    else:
+        assert render.uncovered_characters(["中文"]) == ["中", "文"]
+        assert han.tobytes() == box.tobytes()  # the shipped font's missing-glyph box
+
+
+def test_font_chain_runs_pick_first_covering_font() -> None:
+    """Per-character fallback: each run goes to the first font with its glyphs; marks and
+    joiners stay in their run; invisible characters no font has are dropped."""
+    base = ImageFont.truetype(render.CAPTION_FONT_PATH, 20)
+    latin = render._CaptionFont(base, render._Coverage((0x20, 0x61), (0x20, 0x7A)))
+    other = render._CaptionFont(base, render._Coverage((0x30, 0x61, 0x300), (0x39, 0x7A, 0x301)))
+    chain = render._FontChain([latin, other])
+    runs = [(fonts is other, text) for fonts, text in chain.runs("ab 12\u0301c\u200d d\ue000")]
+    assert runs == [(False, "ab "), (True, "12\u0301"), (False, "c d\ue000")]
+    assert chain.length("ab 12c") == pytest.approx(base.getlength("ab ") + base.getlength("12c"))
+    assert chain.covers("5") and not chain.covers("\ue000")
+
+
+def test_scaled_bitmap_font_is_measured_and_drawn_scaled() -> None:
+    """Bitmap-only fonts (colour emoji) open at a fixed strike size and are scaled to fit."""
+    big = ImageFont.truetype(render.CAPTION_FONT_PATH, 80)
+    coverage = render._coverage(str(render.CAPTION_FONT_PATH), 0)
+    chain = render._FontChain([render._CaptionFont(big, coverage, 0.25)])
+    assert chain.length("Hello") == pytest.approx(big.getlength("Hello") / 4)
+    band = Image.new("RGB", (100, 40), WHITE)
+    chain.draw(band, 10, 0, "Hello")
+    ink = band.convert("L").point(lambda v: 255 if v < 128 else 0).getbbox()
+    assert ink is not None
+    left, top, right, bottom = ink
+    assert left >= 9 and right <= 10 + chain.length("Hello") + 2
+    assert bottom <= chain.ascent + 2 and bottom - top < 20

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from storycli.cli import app
 from storycli.config import Configs
-from storycli.story import Story, StoryError, StoryIssue, load_story
+from storycli.story import Story, StoryError, StoryIssue, load_story, story_warnings
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "stories").glob("*.yaml"))
@@ -372,6 +372,36 @@ BAD: list = [
     ),
     pytest.param(
         """\
+        characters:
+          Mara: a girl
+          Ollie: a cat
+        consistency:
+          id_length: 1
+        frames:
+          - "[Mara] a"
+          - "[Mara] and [Ollie] b"
+        """,
+        "characters.Ollie",
+        "character 'Ollie' is never shown alone (only together with other characters), but "
+        "consistency.id_length is 1",
+        "Ollie: a cat",
+        id="character-only-shown-with-others",
+    ),
+    pytest.param(
+        """\
+        characters:
+          Ann: a girl
+        consistency: {method: none}
+        frames:
+          - "[ann] runs"
+        """,
+        "frames[0]",
+        "unknown character tag [ann]; defined: Ann (tags are case-sensitive: [Ann]?)",
+        "[ann] runs",
+        id="tag-differs-in-case",
+    ),
+    pytest.param(
+        """\
         identity: a lighthouse keeper
         consistency:
           id_length: 1
@@ -644,6 +674,26 @@ def test_shipped_examples_load(example: Path) -> None:
     assert story.frames
 
 
+def test_names_differing_only_in_case_are_valid_but_warned(tmp_path: Path) -> None:
+    text = """\
+    characters:
+      Ann: a girl
+      ANN: a robot
+      ann: a woman
+      Bob: a boy
+    consistency: {method: none}
+    frames:
+      - "[Ann] and [ANN] and [ann] and [Bob] run"
+    """
+    story = load_story(write(tmp_path, text))
+    assert [loc for loc, _ in story_warnings(story)] == [
+        ("characters", "ANN"),
+        ("characters", "ann"),
+    ]
+    assert story_warnings(story)[0][1].startswith("'ANN' and 'Ann' differ only in case")
+    assert story_warnings(load_story(write(tmp_path, GOOD, name="good.yaml"))) == []
+
+
 # --------------------------------------------------------------------------------------------------
 # validate CLI
 
@@ -854,3 +904,23 @@ def test_ok_line_is_not_wrapped(tmp_path: Path) -> None:
     result = run_cli("validate", good, columns=80)
     assert result.exit_code == 0
     assert f"ok {good}: 1 frames\n" in result.output
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("guidance: .inf\n", "guidance"),
+        ("guidance: .nan\n", "guidance"),
+        ("guidance: -.inf\n", "guidance"),
+        ("consistency: {method: none, sa32: .nan}\n", "consistency.sa32"),
+        ("consistency: {method: none, prob_late: .inf}\n", "consistency.prob_late"),
+    ],
+)
+def test_non_finite_numbers_are_rejected(tmp_path: Path, line: str, field: str) -> None:
+    """YAML reads `.inf`/`.nan` as floats; they validate as numbers but cannot work."""
+    text = GOOD.replace("consistency:\n  method: none\n", "") + line
+    if not line.startswith("consistency"):
+        text += "consistency: {method: none}\n"
+    error = load_error(write(tmp_path, text))
+    assert [issue.field for issue in error.issues] == [field]
+    assert "finite" in error.issues[0].message

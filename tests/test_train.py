@@ -16,6 +16,8 @@ from storycli.motion.dataset import (
     ClipSettings,
     DatasetError,
     build_embedding_cache,
+    check_writable_folder,
+    folder_lock,
     split_videos,
 )
 from storycli.motion.encoder import load_image_encoder
@@ -175,8 +177,9 @@ def test_resume_gives_the_same_run_as_no_interruption(videos, tmp_path):
     with pytest.raises(Interrupted):
         train_predictor(options(videos, broken, **short), TrainHooks(on_step=stop))
     assert [r["step"] for r in json.loads((broken / "metrics.json").read_text())] == [0, 4, 8]
-    with pytest.raises(TrainError, match="already holds a training run"):
-        train_predictor(options(videos, broken, **short))
+    # The same run with other settings is refused (the same settings continue it: see below).
+    with pytest.raises(TrainError, match=r"unfinished training run with other settings.*--resume"):
+        train_predictor(options(videos, broken, lr=5e-4, **short))
     with pytest.raises(TrainError, match="frames"):
         train_predictor(options(videos, broken, resume=True, frames=12, **short))
 
@@ -194,6 +197,130 @@ def test_resume_gives_the_same_run_as_no_interruption(videos, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     kept = sorted(p.name for p in (broken / "checkpoints").iterdir())
     assert kept == ["step_000006", "step_000012"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def stop_at(step: int):
+    """An on_step hook that interrupts the run once `step` is done (as Ctrl-C would)."""
+
+    def hook(done: int, total: int, loss: float) -> None:
+        if done == step:
+            raise Interrupted
+
+    return hook
+
+
+def test_the_same_settings_continue_an_unfinished_run_without_resume(videos, tmp_path):
+    short = {"max_steps": 12, "eval_every": 4, "checkpoint_every": 6}
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):  # after the step-6 checkpoint
+        train_predictor(options(videos, out, **short), TrainHooks(on_step=stop_at(9)))
+    notes: list[str] = []
+    again = train_predictor(options(videos, out, **short), TrainHooks(on_note=notes.append))
+    assert again.resumed_from == 6 and again.steps == 12
+    assert any("unfinished run" in n for n in notes), notes
+    assert [r["step"] for r in json.loads(again.metrics_path.read_text())] == [0, 4, 8, 12]
+    # Finished now: the same settings again are refused, not silently retrained.
+    with pytest.raises(TrainError, match=r"finished training run.*--resume.*--overwrite"):
+        train_predictor(options(videos, out, **short))
+
+    early = tmp_path / "early"  # interrupted before its first checkpoint: starts again
+    with pytest.raises(Interrupted):
+        train_predictor(options(videos, early, **short), TrainHooks(on_step=stop_at(2)))
+    assert not (early / "checkpoints").exists() and (early / "run.json").is_file()
+    fresh = train_predictor(options(videos, early, **short))
+    assert fresh.resumed_from is None and fresh.steps == 12
+
+
+def test_leftovers_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    write_synthetic_dataset(data, videos=3, seconds=2.5, fps=FPS, seed=5)
+    cache = data / ".storydiff-cache"
+    short = {"max_steps": 6, "eval_every": 3, "checkpoint_every": 3, "val_clips": 8}
+    with pytest.raises(Interrupted):
+        train_predictor(options(data, out, **short), TrainHooks(on_step=stop_at(4)))
+    # What SIGKILL leaves mid-write: atomic-write temp files and half-made checkpoint folders.
+    ours = [
+        out / ".metrics.json.0123456789ab.tmp",
+        out / ".run.json.a1b2c3d4e5f6.tmp",
+        out / ".predictor.safetensors.00112233aabb.tmp",
+        out / ".checkpoints.0a0b0c0d0e0f.tmp",  # a run folder being cleared
+        out / "checkpoints" / ".step_000006.abcdefabcdef.tmp",
+        out / "checkpoints" / ".tmp-step_000006-deadbeef",  # the previous naming
+        cache / f".{'0' * 32}.safetensors.abcdef012345.tmp",
+        cache / ".index.json.fedcba987654.tmp",
+        cache / ".write-check.0123456789ab.tmp",
+    ]
+    # Someone else's files, some looking like temp files: never touched.
+    theirs = [
+        out / ".notes.txt.0123456789ab.tmp",
+        out / "draft.tmp",
+        out / ".tmp-mine",
+        out / "checkpoints" / ".notes.abcdefabcdef.tmp",
+        cache / ".other.safetensors.abcdef012345.tmp",
+        cache / ".index.json.tmp",
+    ]
+    for path in ours + theirs:
+        if path.name.startswith((".checkpoints.", ".step_", ".tmp-step_")):
+            path.mkdir()
+            (path / "state.pt").write_bytes(b"half")
+        else:
+            path.write_bytes(b"half")
+    result = train_predictor(options(data, out, resume=True, **short))
+    assert result.resumed_from == 3 and result.steps == 6
+    assert [p for p in ours if p.exists()] == []
+    assert [p for p in theirs if not p.exists()] == []
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == [".notes.abcdefabcdef.tmp", "step_000003", "step_000006"]
+
+
+def test_another_process_in_the_run_folder_is_refused(videos, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with folder_lock(out, exclusive=True, wait=False) as held:  # as a running trainer holds it
+        assert held
+        with pytest.raises(TrainError, match="in use by another"):
+            train_predictor(options(videos, out, max_steps=2))
+    assert list(out.iterdir()) == []  # refused before anything was written
+
+
+def test_warmup_longer_than_the_run_is_noted(videos, tmp_path):
+    notes: list[str] = []
+    quick = {"max_steps": 3, "eval_every": 3, "checkpoint_every": 3, "val_clips": 8}
+    train_predictor(
+        options(videos, tmp_path / "a", warmup_steps=20, **quick), TrainHooks(on_note=notes.append)
+    )
+    warm = [n for n in notes if "warm" in n]
+    assert len(warm) == 1 and "never reaches its peak" in warm[0], notes
+    notes.clear()
+    train_predictor(
+        options(videos, tmp_path / "b", warmup_steps=3, **quick), TrainHooks(on_note=notes.append)
+    )
+    assert not [n for n in notes if "warm" in n], notes
+
+
+def test_unwritable_cache_folder_is_refused_before_encoding(videos, tmp_path):
+    # /proc takes no new entries, even from root (for whom chmod does not stop writes).
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for folder in (Path("/proc/storydiff-test"), afile / "sub", afile):
+        with pytest.raises(DatasetError, match=r"not writable.*--cache DIR") as info:
+            check_writable_folder(folder)
+        assert str(folder) in str(info.value) and str(info.value).count(". ") == 0
+    ok = tmp_path / "new" / "cache"
+    check_writable_folder(ok)
+    assert ok.is_dir() and list(ok.iterdir()) == []  # the probe file is gone again
+
+    encodes: list = []
+    with pytest.raises(DatasetError, match="not writable"):
+        train_predictor(
+            options(videos, tmp_path / "run", cache_dir=afile / "sub", max_steps=1),
+            TrainHooks(on_encode=lambda *a: encodes.append(a)),
+        )
+    assert encodes == [] and not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------------- cache

@@ -86,6 +86,20 @@ def test_write_mp4_round_trip_pads_to_16_and_leaves_no_temp_files(tmp_path):
     assert np.abs(first[:30, 60] - _pixels(clip[0])[:, 49]).mean() < 12
 
 
+def test_write_mp4_reports_each_frame_sent_before_the_file_exists(tmp_path):
+    target = tmp_path / "out.mp4"
+    calls = []
+    clip = synthetic_clip(2, 5, (32, 16))
+    write_mp4(target, clip, fps=FPS, on_frame=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 5) for i in range(6)]  # 0: ffmpeg started, then one per frame sent
+    assert probe_mp4(target).frames == 5
+
+    seen = []
+    write_mp4(target, clip, fps=FPS, on_frame=lambda done, total: seen.append(target.stat().st_ino))
+    # The old file stays in place during the whole encode: it is replaced only at the end.
+    assert len(set(seen)) == 1 and target.stat().st_ino != seen[0]
+
+
 def test_write_mp4_accepts_arrays_and_replaces_an_existing_file(tmp_path):
     target = tmp_path / "out.mp4"
     write_mp4(target, [np.zeros((16, 16, 3), np.uint8)] * 3, fps=4)

@@ -75,11 +75,9 @@ class CSASettings:
 
 @dataclass(frozen=True)
 class BankSettings:
-    """Where and how the reference bank is kept, and what it holds."""
+    """What the reference bank holds. It lives for one denoising step (the story loop drops
+    each step's bank once every frame has read it), so it stays next to the UNet."""
 
-    # "device": next to the UNet. "cpu": host memory (pinned when the UNet is on CUDA), copied
-    # back one layer ahead of use on a side stream, so GPU memory does not grow with steps.
-    placement: Literal["device", "cpu"] = "device"
     dtype: torch.dtype | None = None  # None: the activations' dtype
     levels: tuple[Level, ...] = ("sa32", "sa64")  # read frames use CSA only on banked levels
     max_step: int | None = None  # bank (and read-phase CSA) only before this step
@@ -120,26 +118,31 @@ def csa_layers(unet: torch.nn.Module, blocks: Sequence[str] = ("up",)) -> list[L
     has self-attention get `sa32` (SDXL: H/32 × W/32), finer ones `sa64` (SDXL: H/16 × W/16).
     """
     n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
-    found: list[tuple[str, int]] = []
+    found: list[tuple[tuple[int, int], str, int]] = []  # (forward order, name, downsample)
     for proc_name in unet.attn_processors:
         name = proc_name.removesuffix(".processor")
         match = _BLOCK_RE.match(name)
         if not name.endswith("attn1") or match is None:
             continue
         if match.group(2) is not None:
-            kind, downsample = "down", int(match.group(2))
+            kind, block, downsample = "down", (0, int(match.group(2))), int(match.group(2))
         elif match.group(3) is not None:
-            kind, downsample = "up", n_up - 1 - int(match.group(3))
+            up = int(match.group(3))
+            kind, block, downsample = "up", (2, up), n_up - 1 - up
         else:
-            kind, downsample = "mid", n_down - 1
+            kind, block, downsample = "mid", (1, 0), n_down - 1
         if kind in blocks:
-            found.append((name, downsample))
+            found.append((block, name, downsample))
     if not found:
         return []
-    coarsest = max(downsample for _, downsample in found)
+    # `attn_processors` lists down, up, then mid blocks (the order the UNet registers them);
+    # layers are indexed in the order the forward runs them: down, mid, up. (A stable sort:
+    # within a block, module order is forward order.)
+    found.sort(key=lambda entry: entry[0])
+    coarsest = max(downsample for _, _, downsample in found)
     return [
         LayerInfo(name, i, "sa32" if downsample == coarsest else "sa64", downsample)
-        for i, (name, downsample) in enumerate(found)
+        for i, (_, name, downsample) in enumerate(found)
     ]
 
 
@@ -150,6 +153,19 @@ class _LevelDraw:
     tokens: int  # N, tokens per image on this level
     banked: torch.Tensor  # (n·k,) every image's sampled tokens, flat into n·N: what is banked
     gather: torch.Tensor  # (n, K) flat indices into the call's n·N tokens: image i's extra tokens
+
+
+@dataclass
+class CallStream:
+    """One call's CSA randomness and step count. Calls interleaved step by step (the story loop)
+    then draw exactly as they would running one after another."""
+
+    phase: Phase
+    n_images: int
+    character: str | None
+    read_characters: tuple[str, ...]
+    generator: torch.Generator
+    step: int = -1
 
 
 class CSAState:
@@ -172,22 +188,70 @@ class CSAState:
         self.character: str | None = None
         self.read_characters: tuple[str, ...] = ()
         self.step = -1
-        # bank[character][step][layer name] -> (groups, references * k, channels)
+        # bank[character][step][layer name] -> (2, groups, references * k, channels): the
+        # sampled tokens' keys and values, as projected in the write forward, so read frames
+        # attend to them without projecting them again.
         self.bank: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         self._draws: dict[Level, _LevelDraw] = {}
-        self._apply: list[bool] = [False] * len(self.layers)
+        self._apply: list[bool] = [False] * len(self.layers)  # the first call's skip flags
+        self._apply_rows: list[list[bool]] = []  # each entered call's flags (read batches)
+        self.streams: list[CallStream] = []
+        self.peak_bank_bytes = 0  # the largest bank the story loop dropped
         self._by_name = {layer.name: layer for layer in self.layers}
         # Per UNet call, decided in the pre-hook so processors read no step counter.
         self.csa_now = False  # CSA applies in this call (phase on, past warm-up)
         self.store_now = False  # this write call's samples go to the bank
         self.apply_flags: torch.Tensor | None = None  # compiled: the skip flags as a tensor
-        self._written: dict[str, torch.Tensor] = {}  # samples to bank after the forward
-        self._staged: dict[str, torch.Tensor] = {}  # compiled read: this step's bank, on device
+        self._written: dict[str, torch.Tensor] = {}  # keys/values to bank after the forward
+        self._staged: dict[str, torch.Tensor] = {}  # compiled read: this step's bank
         self._latent_size = (0, 0)
-        self._prefetched: dict[str, tuple[torch.Tensor, object]] = {}
-        self._copy_stream: object | None = None
 
     # -- call lifecycle -----------------------------------------------------------------------
+
+    def open_call(
+        self,
+        phase: Phase,
+        n_images: int,
+        seed: int,
+        character: str | None = None,
+        read_characters: Sequence[str] = (),
+    ) -> CallStream:
+        """The CSA randomness and step count of one call of `n_images` frames (per CFG group),
+        seeded as that call; `enter` it before each of its UNet forwards."""
+        if phase == "write" and character is None:
+            raise ValueError("a write call needs the character whose bank it fills")
+        missing = [c for c in read_characters if c not in self.bank]
+        if phase == "read" and missing:
+            raise RuntimeError(f"no reference bank for {missing}; run its write call first")
+        if phase == "write":
+            self.bank[character] = {}  # type: ignore[index]
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return CallStream(phase, n_images, character, tuple(read_characters), generator)
+
+    def enter(self, streams: Sequence[CallStream]) -> None:
+        """The next UNet forward runs these calls together, at the same step. Only read calls
+        (one frame each, same characters) or plain ones share a forward; each keeps its own
+        draws, so the batch computes what the calls would one by one."""
+        first = streams[0]
+        if len(streams) > 1 and any(
+            (s.phase, s.read_characters, s.step, s.n_images)
+            != (first.phase, first.read_characters, first.step, 1)
+            for s in streams
+        ):
+            raise ValueError("only one-frame calls at the same step and phase share a forward")
+        if len(streams) > 1 and first.phase not in ("read", "off"):
+            raise ValueError(f"{first.phase} calls cannot share a forward")
+        self.streams = list(streams)
+        self.phase, self.character = first.phase, first.character
+        self.n_images = sum(s.n_images for s in streams)
+        self.read_characters = first.read_characters
+        self.generator, self.step = first.generator, first.step
+
+    def leave(self) -> None:
+        """After the forward(s) of `enter`: keep each call's step count for its next step."""
+        for stream in self.streams:
+            stream.step = self.step
+        self.end_call()
 
     def begin_call(
         self,
@@ -197,26 +261,21 @@ class CSAState:
         character: str | None = None,
         read_characters: Sequence[str] = (),
     ) -> None:
-        """Prepare for one pipeline call of `n_images` frames (per CFG group)."""
-        if phase == "write" and character is None:
-            raise ValueError("a write call needs the character whose bank it fills")
-        missing = [c for c in read_characters if c not in self.bank]
-        if phase == "read" and missing:
-            raise RuntimeError(f"no reference bank for {missing}; run its write call first")
-        self.phase, self.n_images, self.character = phase, n_images, character
-        self.read_characters = tuple(read_characters)
-        self.step = -1
-        self.generator.manual_seed(seed)
-        if phase == "write":
-            self.bank[character] = {}  # type: ignore[index]
+        """Prepare for one whole pipeline call (all its steps) of `n_images` frames."""
+        self.enter([self.open_call(phase, n_images, seed, character, read_characters)])
+
+    def drop_step(self, step: int) -> None:
+        """Free every character's bank of `step`: the story loop has read it for all frames."""
+        self.peak_bank_bytes = max(self.peak_bank_bytes, self.bank_bytes())
+        for steps in self.bank.values():
+            steps.pop(step, None)
+
+    def banked_steps(self) -> int:
+        """The most steps any character's bank holds now."""
+        return max((len(steps) for steps in self.bank.values()), default=0)
 
     def end_call(self) -> None:
-        cpu_bank = self.phase == "write" and self.bank_settings.placement == "cpu"
-        if cpu_bank and torch.cuda.is_available() and torch.cuda.is_initialized():
-            # Device→host copies into pinned memory were asynchronous; finish them before a
-            # read call's side stream copies them back.
-            torch.cuda.synchronize()
-        self.phase, self._draws, self._prefetched, self._staged = "off", {}, {}, {}
+        self.phase, self._draws, self._staged = "off", {}, {}
         self.csa_now = self.store_now = False
 
     def clear(self) -> None:
@@ -243,7 +302,7 @@ class CSAState:
     ) -> None:
         """Advance the step counter and make this step's random draws."""
         self.step += 1
-        self._prefetched, self._staged, self._written = {}, {}, {}
+        self._staged, self._written = {}, {}
         self._latent_size = (latent_height, latent_width)
         self.csa_now = self.phase != "off" and self.step >= self.settings.warmup_steps
         self.store_now = self.phase == "write" and self._banks_step(self.step)
@@ -251,11 +310,15 @@ class CSAState:
             return
         p = self.settings.apply_probability(self.step)
         if p <= 0.0:
-            self._apply = [False] * len(self.layers)
+            self._apply_rows = [[False] * len(self.layers) for _ in self.streams]
         else:
-            self._apply = (torch.rand(len(self.layers), generator=self.generator) < p).tolist()
+            self._apply_rows = [
+                (torch.rand(len(self.layers), generator=s.generator) < p).tolist()
+                for s in self.streams
+            ]
+        self._apply = self._apply_rows[0]
         if self.compiled:
-            self.apply_flags = torch.tensor(self._apply, device=device)
+            self.apply_flags = torch.tensor(self._apply_rows, device=device)  # (calls, layers)
         self._draws = {}
         if self.phase == "write":
             self._draw_levels()
@@ -264,8 +327,8 @@ class CSAState:
 
     def end_step(self) -> None:
         """After the UNet forward: file this step's write-phase samples in the bank."""
-        for name, samples in self._written.items():
-            self._store(self._by_name[name], samples)
+        for name, kv in self._written.items():
+            self._store(self._by_name[name], kv)
         self._written = {}
 
     def begin_window(self, n_images: int) -> None:
@@ -296,10 +359,14 @@ class CSAState:
         samples = torch.rand(n, tokens, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values
         offsets = torch.arange(n)[:, None] * tokens
         flat = samples + offsets  # (n, k) into the call's n·N tokens
-        if self.settings.sampling == "uniform":
+        if n == 1:
+            # A lone reference has no other image to sample: it attends to its own tokens only
+            # (as the reference code with id_length 1), but its samples are still banked.
+            gather = flat[:, :0]
+        elif self.settings.sampling == "uniform":
             # Image i sees every other image's sample set (the reference code's semantics).
             others = [torch.cat([flat[j] for j in range(n) if j != i]) for i in range(n)]
-            gather = torch.stack(others) if n > 1 else flat[:, :0]
+            gather = torch.stack(others)
         else:
             total = min((n - 1) * k, tokens)
             counts = temporal_counts(n, total, tokens, self.settings.temporal_decay)
@@ -316,13 +383,8 @@ class CSAState:
 
     # -- bank storage ---------------------------------------------------------------------------
 
-    def _store(self, layer: LayerInfo, samples: torch.Tensor) -> None:
-        settings = self.bank_settings
-        tensor = samples.to(dtype=settings.dtype or samples.dtype)
-        if settings.placement == "cpu" and tensor.device.type != "cpu":
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            tensor = host
+    def _store(self, layer: LayerInfo, kv: torch.Tensor) -> None:
+        tensor = kv.to(dtype=self.bank_settings.dtype or kv.dtype)
         steps = self.bank[self.character]  # type: ignore[index]
         steps.setdefault(self.step, {})[layer.name] = tensor
 
@@ -330,72 +392,41 @@ class CSAState:
         return self._banks_step(self.step) and layer.level in self.bank_settings.levels
 
     def _stage(self, device: torch.device) -> None:
-        """Compiled read step: put this step's bank for every read layer on the device now."""
+        """Compiled read step: gather this step's bank for every read layer before the forward."""
         for layer in self.layers:
             if self._reads_layer(layer):
                 banked = self._banked(layer, device)
                 if banked:
-                    self._staged[layer.name] = torch.cat(banked, dim=1)
+                    self._staged[layer.name] = torch.cat(banked, dim=2)
 
     def _banked(self, layer: LayerInfo, device: torch.device) -> list[torch.Tensor]:
         """The bank entries a read frame attends to in `layer`, on `device`."""
         out = []
         for c in self.read_characters:
-            key = f"{c}/{layer.name}"
-            if key in self._prefetched:
-                tensor, event = self._prefetched.pop(key)
-                stream = torch.cuda.current_stream(device)
-                stream.wait_event(event)  # type: ignore[arg-type]
-                # Made on the side stream, used on this one: keep the allocator from reusing it
-                # before this stream's kernels are done with it.
-                tensor.record_stream(stream)
-            else:
-                tensor = self.bank[c].get(self.step, {}).get(layer.name)
-                if tensor is None:
-                    continue
-                tensor = tensor.to(device, non_blocking=True)
-            out.append(tensor)
+            tensor = self.bank[c].get(self.step, {}).get(layer.name)
+            if tensor is not None:
+                out.append(tensor.to(device))
         return out
-
-    def _prefetch_after(self, layer: LayerInfo, device: torch.device) -> None:
-        """Start copying the next layer's host-side bank entries to the GPU (async)."""
-        if self.bank_settings.placement != "cpu" or device.type != "cuda":
-            return
-        if layer.index + 1 >= len(self.layers):
-            return
-        following = self.layers[layer.index + 1]
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(device)
-        stream = self._copy_stream
-        for c in self.read_characters:
-            host = self.bank[c].get(self.step, {}).get(following.name)
-            if host is None:
-                continue
-            with torch.cuda.stream(stream):  # type: ignore[arg-type]
-                tensor = host.to(device, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)  # type: ignore[arg-type]
-            self._prefetched[f"{c}/{following.name}"] = (tensor, event)
 
     # -- what the processor asks ----------------------------------------------------------------
 
-    def write_draw(self, layer: LayerInfo, hidden: torch.Tensor) -> _LevelDraw | None:
-        """Write phase: bank this layer's samples; write and window phases: return the draw if
-        CSA applies now."""
+    def write_draw(self, layer: LayerInfo) -> tuple[_LevelDraw | None, bool, bool]:
+        """Write and window phases: (this level's draw, whether CSA applies in `layer` now,
+        whether its samples go to the bank)."""
         draw = self._draws.get(layer.level)
         if draw is None:
-            return None
-        batch, tokens, channels = hidden.shape
-        groups = batch // self.n_images
-        x = hidden.view(groups, self.n_images * tokens, channels)
-        if self.store_now and layer.level in self.bank_settings.levels:
-            self._written[layer.name] = x[:, draw.banked.to(hidden.device)]
-        if self.n_images == 1 or not (self.compiled or self._apply[layer.index]):
-            return None
-        return draw
+            return None, False, False
+        applies = self.n_images > 1 and (self.compiled or self._apply[layer.index])
+        stores = self.store_now and layer.level in self.bank_settings.levels
+        return draw, applies, stores
+
+    def file_bank(self, layer: LayerInfo, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Bank the sampled tokens' keys and values, (groups, n·k, C) each, after the forward."""
+        self._written[layer.name] = torch.stack([key, value])
 
     def read_tokens(self, layer: LayerInfo, hidden: torch.Tensor) -> torch.Tensor | None:
-        """In the read phase: the banked tokens (per batch row) this layer attends to, or None."""
+        """In the read phase: the banked keys and values (2, batch, K, C) this layer attends to,
+        or None."""
         if not self.read_characters:
             return None
         if self.compiled:
@@ -403,33 +434,44 @@ class CSAState:
             if extra is None:
                 return None
         else:
-            # Keep the host→GPU copies one layer ahead even when this layer skips CSA.
-            self._prefetch_after(layer, hidden.device)
-            if not self._apply[layer.index] or not self._reads_layer(layer):
+            applies = any(row[layer.index] for row in self._apply_rows)
+            if not applies or not self._reads_layer(layer):
                 return None
             banked = self._banked(layer, hidden.device)
             if not banked:
                 return None
-            extra = torch.cat(banked, dim=1)
+            extra = torch.cat(banked, dim=2)
         extra = extra.to(hidden.dtype)
         groups = hidden.shape[0] // self.n_images
-        if extra.shape[0] != groups:
+        if extra.shape[1] != groups:
             raise RuntimeError("read call and write call disagree on classifier-free guidance")
-        return extra.repeat_interleave(self.n_images, dim=0)
+        return extra.repeat_interleave(self.n_images, dim=1)
 
     def check_batch(self, hidden: torch.Tensor) -> None:
         if hidden.shape[0] % self.n_images:
             raise RuntimeError(f"batch {hidden.shape[0]} is not a multiple of {self.n_images}")
 
     def skip_bias(self, layer: LayerInfo, own: int, extra: int, like: torch.Tensor):
-        """Compiled mode: an additive key bias that hides the `extra` keys when this layer skips
-        CSA this step (plain attention, exactly), so skipping needs no Python branch."""
-        if not self.compiled or self.apply_flags is None:
+        """An additive key bias that hides the `extra` keys of the images skipping CSA in this
+        layer now (plain attention, exactly): every skip in compiled mode, so skipping needs no
+        Python branch, and in a read batch whose frames drew different skips."""
+        if self.compiled and self.apply_flags is not None:
+            keep = self.apply_flags[:, layer.index].to(like.device)
+        elif len(self._apply_rows) > 1:
+            flags = [row[layer.index] for row in self._apply_rows]
+            if all(flags):
+                return None
+            keep = torch.tensor(flags, device=like.device)
+        else:
             return None
-        keep = self.apply_flags[layer.index].to(like.device)
-        hidden_extra = torch.where(keep, 0.0, float("-inf")).to(like.dtype).expand(extra)
-        bias = torch.cat([like.new_zeros(own), hidden_extra])
-        return bias.view(1, 1, 1, own + extra)
+        hidden = torch.where(keep, 0.0, float("-inf")).to(like.dtype)
+        if keep.numel() == 1:  # one call: one bias for every row
+            bias = torch.cat([like.new_zeros(own), hidden.expand(extra)])
+            return bias.view(1, 1, 1, own + extra)
+        # Rows are [CFG group 0: calls..., group 1: calls...], one frame per call.
+        rows = hidden.repeat(like.shape[0] // keep.numel())[:, None].expand(-1, extra)
+        bias = torch.cat([like.new_zeros(rows.shape[0], own), rows], dim=1)
+        return bias.view(rows.shape[0], 1, 1, own + extra)
 
 
 def _attend(
@@ -485,22 +527,15 @@ class ConsistentSelfAttnProcessor:
         if supported and state.csa_now:
             state.check_batch(hidden_states)
             if state.phase in ("write", "window"):
-                draw = state.write_draw(self.layer, hidden_states)
-                if draw is not None:
-                    write = (
-                        self._write_reference
-                        if state.settings.impl == "reference"
-                        else (self._write_fast)
-                    )
-                    out = write(attn, hidden_states, draw)
+                out = self._write(attn, hidden_states)
             else:
                 extra = state.read_tokens(self.layer, hidden_states)
                 if extra is not None:
-                    context = torch.cat([hidden_states, extra], dim=1)
+                    key = torch.cat([attn.to_k(hidden_states), extra[0]], dim=1)
+                    value = torch.cat([attn.to_v(hidden_states), extra[1]], dim=1)
                     bias = state.skip_bias(
-                        self.layer, hidden_states.shape[1], extra.shape[1], hidden_states
+                        self.layer, hidden_states.shape[1], extra.shape[2], hidden_states
                     )
-                    key, value = attn.to_k(context), attn.to_v(context)
                     out = _attend(attn, hidden_states, key, value, bias)
         if out is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -508,12 +543,43 @@ class ConsistentSelfAttnProcessor:
             out = out + hidden_states
         return out / attn.rescale_output_factor
 
-    def _write_fast(self, attn: Attention, hidden: torch.Tensor, draw: _LevelDraw) -> torch.Tensor:
+    def _write(self, attn: Attention, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Write or window phase: bank the sampled tokens' keys/values when this step banks,
+        and run CSA when it applies in this layer now (None: plain attention)."""
+        state = self.state
+        draw, applies, stores = state.write_draw(self.layer)
+        if draw is None or not (applies or stores):
+            return None
+        n = state.n_images
+        batch, tokens, channels = hidden.shape
+        groups = batch // n
+        banked = draw.banked.to(hidden.device)
+        if applies and state.settings.impl == "fast":
+            key, value = attn.to_k(hidden), attn.to_v(hidden)
+            if stores:
+                state.file_bank(
+                    self.layer,
+                    key.view(groups, n * tokens, -1)[:, banked],
+                    value.view(groups, n * tokens, -1)[:, banked],
+                )
+            return self._write_fast(attn, hidden, draw, key, value)
+        if stores:  # project only the sampled tokens (a per-token map: same numbers)
+            sampled = hidden.view(groups, n * tokens, channels)[:, banked]
+            state.file_bank(self.layer, attn.to_k(sampled), attn.to_v(sampled))
+        return self._write_reference(attn, hidden, draw) if applies else None
+
+    def _write_fast(
+        self,
+        attn: Attention,
+        hidden: torch.Tensor,
+        draw: _LevelDraw,
+        key: torch.Tensor,
+        value: torch.Tensor,
+    ) -> torch.Tensor:
         """All images in one SDPA call; keys/values projected once per token, then gathered."""
         n = self.state.n_images
         batch, tokens, _ = hidden.shape
         groups = batch // n
-        key, value = attn.to_k(hidden), attn.to_v(hidden)
         gather = draw.gather.to(hidden.device)  # (n, K)
 
         def with_extra(own: torch.Tensor) -> torch.Tensor:

@@ -4,31 +4,48 @@ For each consecutive pair of keyframes: per-frame embeddings P_1..P_L (the motio
 the linear baseline without one), a decoder turns them into L frames, written as
 `transition_01_02.mp4`, ...; `story.mp4` joins them, each keyframe held `hold` seconds. An
 `animate.json` manifest records inputs and keys, so a rerun redoes only what changed.
+
+The manifest is written (`complete: false`) before the first video and after each one, and always
+describes the files on disk: a run killed at any point is resumed by the same command, which
+first removes the temp files the killed run left.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..atomic import atomic_write_text
-from ..plan import derive_seed
-from .video import IMAGE_SUFFIXES
+from ..atomic import temp_target as atomic_temp_target
+from ..errors import InvalidInput
+from ..paths import check_writable_folder
+from ..seeds import derive_seed
+from .video import IMAGE_SUFFIXES, temp_target
 
 KEYFRAMES_MANIFEST = "manifest.json"  # written by `storydiff generate`
 MANIFEST = "animate.json"
 STORY_VIDEO = "story.mp4"
 SCHEMA_VERSION = 1
+FITS = ("crop", "letterbox")
+# Image files a plain folder may hold that are not read as keyframes (a GIF may be animated;
+# the others need codecs Pillow may lack): named in a note instead of being skipped silently.
+NOT_KEYFRAME_SUFFIXES = frozenset({".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"})
+_TRANSITION_FILE = re.compile(r"transition_\d+_\d+\.mp4")
+# storycli/atomic.py `_open_temp` names its temp files `.NAME.<secrets.token_hex(6)>.tmp`.
+# Bumped when story.mp4 is assembled differently, so that older ones are remade. 2: every
+# keyframe held at least one frame, with the transitions' interior frames between them.
+_STORY_ASSEMBLY = 2
 
 
-class AnimateError(Exception):
+class AnimateError(InvalidInput):
     """Bad input for animate (keyframes, options, predictor, output folder): one sentence."""
 
 
@@ -58,6 +75,12 @@ class AnimateOptions:
     steps: int | None = None
     guidance: float | None = None
     overwrite: bool = False
+    # Keyframes whose aspect ratio differs from the first one's: "crop" scales them to cover the
+    # frame and keeps the centre, "letterbox" scales them to fit inside it, with black bars.
+    # Crop is the default: a video is expected to fill its frame, bars that appear and vanish
+    # within each transition look like a glitch, and the model decoders would animate the bars
+    # as picture content. Letterbox is there for when nothing may be cut off.
+    fit: str = "crop"
 
 
 @dataclass
@@ -67,7 +90,11 @@ class AnimateHooks:
     on_note: Callable[[str], None] | None = None
     on_start: Callable[[int], None] | None = None  # (transitions to make)
     on_transition: Callable[[str], None] | None = None  # (description)
-    on_step: Callable[[int, int], None] | None = None
+    on_step: Callable[[int, int], None] | None = None  # (decoder steps done, total)
+    # (phase, done, total) for work on files: "encoding NAME" counts frames sent to ffmpeg (the
+    # file is complete only at on_written, after ffmpeg's flush and the read-back check);
+    # "assembling story.mp4" counts transitions read back.
+    on_phase: Callable[[str, int, int], None] | None = None
     on_written: Callable[[Path], None] | None = None
     on_kept: Callable[[Path], None] | None = None  # (transition kept: its inputs are unchanged)
 
@@ -80,13 +107,17 @@ class AnimateResult:
     story: Path | None = None
     seconds: float = 0.0
     decoder: dict[str, Any] = field(default_factory=dict)
+    removed: list[Path] = field(default_factory=list)  # stale transitions of an earlier run
 
     def summary(self) -> dict[str, Any]:
+        """The `--json` document; `schema_version` as in generate's."""
         return {
+            "schema_version": SCHEMA_VERSION,
             "folder": str(self.folder),
             "decoder": self.decoder,
             "transitions": [str(p) for p in self.transitions],
             "generated": [str(p) for p in self.generated],
+            "removed": [str(p) for p in self.removed],
             "story": str(self.story) if self.story else None,
             "seconds": round(self.seconds, 3),
         }
@@ -117,12 +148,43 @@ def _listed_frames(folder: Path) -> list[dict[str, Any]] | None:
         ) from exc
 
 
-def load_keyframes(folder: Path) -> tuple[list[Keyframe], list[str]]:
+def _fit(image: Image.Image, size: tuple[int, int], fit: str) -> tuple[Image.Image, str]:
+    """`image` at `size`, and what was done: resized (same aspect ratio), centre-cropped or
+    letterboxed (see AnimateOptions.fit)."""
+    width, height = image.size
+    if width * size[1] == height * size[0]:
+        return image.resize(size, Image.Resampling.LANCZOS), "resized"
+    if fit == "crop":
+        return ImageOps.fit(image, size, Image.Resampling.LANCZOS), "centre-cropped"
+    return ImageOps.pad(image, size, Image.Resampling.LANCZOS, color=(0, 0, 0)), "letterboxed"
+
+
+def _fit_note(how: str, names: list[str], size: tuple[int, int]) -> str:
+    target = f"{size[0]}x{size[1]}"
+    if how == "resized":
+        return f"resized {', '.join(names)} to {target} (the first keyframe's size)"
+    if how == "centre-cropped":
+        return (
+            f"centre-cropped {', '.join(names)} to fill {target}, the first keyframe's size, "
+            "keeping the aspect ratio (--fit crop; --fit letterbox keeps the whole picture, "
+            "with black bars)"
+        )
+    return (
+        f"letterboxed {', '.join(names)} into {target}, the first keyframe's size: scaled to "
+        "fit, keeping the aspect ratio, with black bars (--fit letterbox)"
+    )
+
+
+def load_keyframes(folder: Path, fit: str = "crop") -> tuple[list[Keyframe], list[str]]:
     """Keyframes in order (a `generate` folder's manifest, else images sorted by name), all
-    at the first one's size. Returns (keyframes, notes)."""
+    at the first one's size, other aspect ratios cropped or letterboxed as `fit` says.
+    Returns (keyframes, notes)."""
+    if fit not in FITS:
+        raise AnimateError(f"--fit {fit}: choose {' or '.join(FITS)}")
     if not folder.is_dir():
         raise AnimateError(f"{folder}: not a folder of keyframes")
     notes: list[str] = []
+    skipped: list[str] = []
     listed = _listed_frames(folder)
     if listed is not None:
         entries = []
@@ -135,32 +197,34 @@ def load_keyframes(folder: Path) -> tuple[list[Keyframe], list[str]]:
                 )
             entries.append((path, f.get("prompt"), f.get("caption")))
     else:
-        paths = sorted(
-            p
-            for p in folder.iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        entries = [(p, None, None) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        skipped = [p.name for p in files if p.suffix.lower() in NOT_KEYFRAME_SUFFIXES]
+    if skipped:
+        notes.append(
+            f"skipped {', '.join(skipped)}: only {', '.join(sorted(IMAGE_SUFFIXES))} files are "
+            "keyframes (animated GIFs are not keyframes); convert them to PNG to use them"
         )
-        entries = [(p, None, None) for p in paths]
     if len(entries) < 2:
+        also = f"; skipped {', '.join(skipped)} (convert to PNG)" if skipped else ""
         raise AnimateError(
             f"{folder}: {len(entries)} keyframe(s) found; a transition needs at least two "
-            f"images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"images ({', '.join(sorted(IMAGE_SUFFIXES))}){also}"
         )
     keyframes = [Keyframe(p, _open_image(p), prompt, caption) for p, prompt, caption in entries]
     size = keyframes[0].image.size
-    resized = [k.path.name for k in keyframes if k.image.size != size]
-    if resized:
-        notes.append(
-            f"resized {', '.join(resized)} to {size[0]}x{size[1]} (the first keyframe's size)"
-        )
-        keyframes = [
-            k
-            if k.image.size == size
-            else Keyframe(
-                k.path, k.image.resize(size, Image.Resampling.LANCZOS), k.prompt, k.caption
+    done: dict[str, list[str]] = {}
+    for i, k in enumerate(keyframes):
+        if k.image.size != size:
+            image, how = _fit(k.image, size, fit)
+            label = (
+                k.path.name
+                if how == "resized"
+                else f"{k.path.name} ({k.image.width}x{k.image.height})"
             )
-            for k in keyframes
-        ]
+            done.setdefault(how, []).append(label)
+            keyframes[i] = Keyframe(k.path, image, k.prompt, k.caption)
+    notes += [_fit_note(how, names, size) for how, names in done.items()]
     return keyframes, notes
 
 
@@ -186,31 +250,72 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
+def _is_video_name(name: str) -> bool:
+    """A name of an MP4 animate writes."""
+    return name == STORY_VIDEO or _TRANSITION_FILE.fullmatch(name) is not None
+
+
+def _own_temp_files(out: Path) -> list[Path]:
+    """The temp files a killed animate run leaves in `out`: write_mp4's for its videos,
+    atomic_write_text's for animate.json. Only those exact names, only plain files."""
+    if not out.is_dir():
+        return []
+    found = []
+    for path in out.iterdir():
+        target = temp_target(path.name)
+        if target is not None:
+            ours = _is_video_name(target)
+        else:
+            ours = atomic_temp_target(path.name) == MANIFEST
+        if ours and path.is_file() and not path.is_symlink():
+            found.append(path)
+    return sorted(found)
+
+
 def _check_owner(out: Path, keyframes: Path, overwrite: bool) -> dict[str, Any]:
-    """The previous manifest of this output folder, if it belongs to these keyframes."""
+    """The previous manifest of this output folder ({} if none), refusing a folder that holds
+    other keyframes' videos or files not made by animate (unless overwriting). With
+    `overwrite` it is returned all the same: it still says which files animate wrote."""
     if out.exists() and not out.is_dir():
         raise AnimateError(f"{out}: exists and is not a folder; choose another --out")
     previous = _read_manifest(out)
-    if overwrite:
-        return {}
-    if previous == {}:
+    if previous == {} and not overwrite:
         raise AnimateError(
             f"{out / MANIFEST}: not a readable animate manifest; pass --overwrite to remake "
             "the folder's videos"
         )
     if previous is None:
-        if out.exists() and any(out.iterdir()):
+        # A run killed while writing its first manifest leaves only temp files of its own.
+        leftovers = set(_own_temp_files(out))
+        if not overwrite and out.exists() and any(p not in leftovers for p in out.iterdir()):
             raise AnimateError(
                 f"{out}: folder exists and was not made by `storydiff animate`; choose another "
                 "--out or pass --overwrite"
             )
         return {}
-    if previous.get("keyframes") != str(keyframes.resolve()):
+    if not overwrite and previous.get("keyframes") != str(keyframes.resolve()):
         raise AnimateError(
             f"{out}: holds videos of other keyframes ({previous.get('keyframes')}); choose "
             "another --out or pass --overwrite"
         )
     return previous
+
+
+def _records(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """A manifest's transition records (malformed entries of a hand-edited file dropped)."""
+    records = manifest.get("transitions")
+    if not isinstance(records, list):
+        return []
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("file"), str)]
+
+
+def _written_by_animate(manifest: dict[str, Any]) -> set[str]:
+    """Transition files a manifest says animate wrote. Only plain `transition_A_B.mp4` names
+    count, so an edited manifest cannot point removal at any other file or folder."""
+    names = [r["file"] for r in _records(manifest)]
+    stale = manifest.get("stale")
+    names += [n for n in stale if isinstance(n, str)] if isinstance(stale, list) else []
+    return {n for n in names if _TRANSITION_FILE.fullmatch(n)}
 
 
 def transition_name(a: int, b: int, count: int) -> str:
@@ -274,13 +379,42 @@ def _predict(k_all: Any, predictor: Any, a: int, frames: int) -> Any:
         return predictor(start, end, frames)[0]
 
 
+def _story_frames(
+    keyframes: list[Keyframe],
+    transitions: list[Path],
+    fps: int,
+    hold: float,
+    on_progress: Callable[[int, int], None] | None,
+) -> list[Image.Image]:
+    """story.mp4's frames: each keyframe shown max(1, round(hold·fps)) frames, in order, and
+    between two keyframes their transition's interior frames (its first and last frames are
+    the keyframes, shown already): K·held + (K−1)·(L−2) frames. At least one frame per keyframe,
+    so that --hold 0 still shows every keyframe."""
+    from .video import read_frames
+
+    held = max(1, round(hold * fps))
+    size = keyframes[0].image.size
+    frames: list[Image.Image] = []
+    if on_progress:
+        on_progress(0, len(transitions))
+    for a, keyframe in enumerate(keyframes):
+        frames += [keyframe.image] * held
+        if a < len(transitions):
+            # Decoded frames carry write_mp4's padding to multiples of 16: crop it off again.
+            interior = read_frames(transitions[a], fps, short_side=None)[1:-1]
+            frames += [f if f.size == size else f.crop((0, 0, *size)) for f in interior]
+            if on_progress:
+                on_progress(a + 1, len(transitions))
+    return frames
+
+
 def animate(options: AnimateOptions, hooks: AnimateHooks | None = None) -> AnimateResult:
     """Make (or resume) the transition videos of a keyframes folder. Raises AnimateError for
     bad input, ModelUnavailable when a decoder's weights are missing."""
     from .decoders import load_decoder
     from .decoders.base import TransitionRequest
     from .predictor import weights_path
-    from .video import read_frames, write_mp4
+    from .video import write_mp4
 
     started = time.perf_counter()
     hooks = hooks or AnimateHooks()
@@ -289,15 +423,24 @@ def animate(options: AnimateOptions, hooks: AnimateHooks | None = None) -> Anima
         if hooks.on_note:
             hooks.on_note(text)
 
+    def phase(label: str) -> Callable[[int, int], None] | None:
+        """A (done, total) callback reporting `label` to on_phase; None without that hook."""
+        on_phase = hooks.on_phase
+        if on_phase is None:
+            return None
+        return lambda done, total: on_phase(label, done, total)
+
     if options.frames < 2:
         raise AnimateError(f"--frames {options.frames}: a transition needs at least 2 frames")
     if options.hold < 0:
         raise AnimateError(f"--hold {options.hold}: must be 0 or more seconds")
-    keyframes, notes = load_keyframes(options.keyframes)
+    keyframes, notes = load_keyframes(options.keyframes, options.fit)
     for text in notes:
         note(text)
     out = options.out or options.keyframes / "video"
+    check_writable_folder(out, "--out")
     previous = _check_owner(out, options.keyframes, options.overwrite)
+    old = {} if options.overwrite else previous  # what may be kept
     loaded_predictor = _load_predictor(options)
 
     # Nothing is written before the decoder is loaded and every input checked.
@@ -326,20 +469,25 @@ def animate(options: AnimateOptions, hooks: AnimateHooks | None = None) -> Anima
         }
     result = AnimateResult(out, decoder=described)
     out.mkdir(parents=True, exist_ok=True)
+    leftovers = _own_temp_files(out)
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if leftovers:
+        note(
+            f"removed {len(leftovers)} leftover temp file(s) of an interrupted run: "
+            f"{', '.join(p.name for p in leftovers)}"
+        )
+
     digests = [_file_digest(k.path) for k in keyframes]
-    old_keys = {t.get("file"): t.get("key") for t in previous.get("transitions", [])}
-    records: list[dict[str, Any]] = []
     count = len(keyframes)
-    pairs = list(range(count - 1))
-    if hooks.on_start:
-        hooks.on_start(len(pairs))
-    for a in pairs:
-        name = transition_name(a + 1, a + 2, count)
+    records: list[dict[str, Any]] = []
+    for a in range(count - 1):
         seed = derive_seed(options.seed, "transition", a)
         key = _key(
             {
                 "keyframes": digests[a : a + 2],
                 "size": keyframes[0].image.size,
+                "fit": options.fit,
                 "decoder": described,
                 "frames": options.frames,
                 "fps": fps,
@@ -348,11 +496,50 @@ def animate(options: AnimateOptions, hooks: AnimateHooks | None = None) -> Anima
                 "prompts": [keyframes[a].prompt, keyframes[a + 1].prompt],
             }
         )
-        path = out / name
-        record = {"file": name, "from": keyframes[a].path.name, "to": keyframes[a + 1].path.name}
-        records.append(record | {"key": key, "seed": seed, "frames": options.frames})
+        name = transition_name(a + 1, a + 2, count)
+        records.append(
+            {
+                "file": name,
+                "from": keyframes[a].path.name,
+                "to": keyframes[a + 1].path.name,
+                "key": key,
+                "seed": seed,
+                "frames": options.frames,
+            }
+        )
+    # What each transition file on disk was made from, as far as a manifest knows: the
+    # partial manifests record this, so a rerun after a kill keeps exactly what is valid.
+    current = {r["file"] for r in records}
+    on_disk = {
+        r["file"]: r for r in _records(old) if r["file"] in current and (out / r["file"]).is_file()
+    }
+    # Transitions an earlier run wrote that this one does not make; removed once it is done.
+    stale = sorted(_written_by_animate(previous) - current)
+
+    def save(complete: bool, story_key: str | None) -> None:
+        listed = (
+            records if complete else [on_disk[r["file"]] for r in records if r["file"] in on_disk]
+        )
+        _write_manifest(
+            out,
+            options,
+            described,
+            fps,
+            listed,
+            keyframes,
+            complete,
+            story_key,
+            stale=[] if complete else stale,
+        )
+
+    # Claims the folder before any video is written, so a run killed now can be resumed.
+    save(False, old.get("story_key"))
+    if hooks.on_start:
+        hooks.on_start(len(records))
+    for a, record in enumerate(records):
+        path = out / record["file"]
         result.transitions.append(path)
-        if path.is_file() and old_keys.get(name) == key:
+        if on_disk.get(record["file"], {}).get("key") == record["key"]:
             if hooks.on_kept:
                 hooks.on_kept(path)
             continue
@@ -365,36 +552,52 @@ def animate(options: AnimateOptions, hooks: AnimateHooks | None = None) -> Anima
             embeddings=None if k_all is None else _predict(k_all, predictor, a, options.frames),
             start_prompt=keyframes[a].prompt,
             end_prompt=keyframes[a + 1].prompt,
-            seed=seed,
+            seed=record["seed"],
         )
         frames = decoder.transition(request, on_step=hooks.on_step)
-        write_mp4(path, frames, fps, options.quality)
+        write_mp4(path, frames, fps, options.quality, on_frame=phase(f"encoding {record['file']}"))
+        on_disk[record["file"]] = record
         result.generated.append(path)
         if hooks.on_written:
             hooks.on_written(path)
-        _write_manifest(out, options, described, fps, records, keyframes, complete=False)
+        save(False, old.get("story_key"))
 
     story_path = out / STORY_VIDEO
-    story_key = _key({"transitions": [r["key"] for r in records], "hold": options.hold})
-    if result.generated or not story_path.is_file() or previous.get("story_key") != story_key:
-        held = round(options.hold * fps)
-        size = keyframes[0].image.size
-        story_frames: list[Image.Image] = [keyframes[0].image] * held
-        for a, path in enumerate(result.transitions):
-            # The transition's first frame is the keyframe just held: skip it. Decoded frames
-            # carry write_mp4's padding to multiples of 16: crop it off again.
-            decoded = read_frames(path, fps, short_side=None)[1:]
-            story_frames += [f if f.size == size else f.crop((0, 0, *size)) for f in decoded]
-            story_frames += [keyframes[a + 1].image] * held
-        write_mp4(story_path, story_frames, fps, options.quality)
+    story_key = _key(
+        {
+            "transitions": [r["key"] for r in records],
+            "hold": options.hold,
+            "assembly": _STORY_ASSEMBLY,
+        }
+    )
+    if result.generated or not story_path.is_file() or old.get("story_key") != story_key:
+        story_frames = _story_frames(
+            keyframes, result.transitions, fps, options.hold, phase(f"assembling {STORY_VIDEO}")
+        )
+        write_mp4(
+            story_path,
+            story_frames,
+            fps,
+            options.quality,
+            on_frame=phase(f"encoding {STORY_VIDEO}"),
+        )
         result.generated.append(story_path)
         if hooks.on_written:
             hooks.on_written(story_path)
     result.story = story_path
+
+    for name in stale:
+        path = out / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+            result.removed.append(path)
+    if result.removed:
+        note(
+            f"removed {', '.join(p.name for p in result.removed)}: transition(s) of an earlier "
+            "run that the current keyframes no longer have"
+        )
     result.seconds = time.perf_counter() - started
-    _write_manifest(
-        out, options, described, fps, records, keyframes, complete=True, story_key=story_key
-    )
+    save(True, story_key)
     return result
 
 
@@ -407,7 +610,10 @@ def _write_manifest(
     keyframes: list[Keyframe],
     complete: bool,
     story_key: str | None = None,
+    stale: list[str] | None = None,
 ) -> None:
+    """animate.json. `transitions` lists the transition files on disk and what each was made
+    from; `stale` the files of an earlier run still to remove (kept across a kill)."""
     from .. import __version__
 
     manifest = {
@@ -424,7 +630,9 @@ def _write_manifest(
         "hold": options.hold,
         "quality": options.quality,
         "seed": options.seed,
+        "fit": options.fit,
         "transitions": transitions,
+        "stale": stale or [],
         "story": STORY_VIDEO if complete else None,
         "story_key": story_key,
     }

@@ -12,11 +12,14 @@ log-uniform span of seconds, hard cuts and near-static clips rejected, time reve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ..atomic import atomic_write_bytes, atomic_write_text
-from ..plan import derive_seed
+from ..atomic import atomic_write_bytes, atomic_write_text, remove_temp_files
+from ..errors import InvalidInput
+from ..paths import PROBE_NAME, write_problem
+from ..seeds import derive_seed
 from .encoder import ImageEncoder
 from .video import VideoError, VideoSource, find_sources, read_frames
 
@@ -39,9 +44,77 @@ TENSOR_NAME = "embeddings"
 # on_progress(done, total, name): one call per source, cached or not.
 ProgressFn = Callable[[int, int, str], None]
 
+# What `atomic_write_*` leaves behind when killed between creating its temp file and the rename
+# (`.NAME.<12 hex>.tmp`); train.py names its temp and discarded folders the same way.
+_CACHE_FILE = re.compile(r"^[0-9a-f]{32}\.safetensors$")
 
-class DatasetError(Exception):
+
+class DatasetError(InvalidInput):
     """A video folder that cannot be trained on (nothing usable, too few videos)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Folders: writability, locks, leftovers of killed runs
+# --------------------------------------------------------------------------------------------
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Create `folder` if needed once a file can be made there; DatasetError if not."""
+    folder = Path(folder)
+    problem = write_problem(folder)
+    if problem is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = exc.strerror or type(exc).__name__
+    if problem is not None:
+        raise DatasetError(
+            f"{folder}: the embedding cache folder is not writable ({problem}); pass --cache DIR "
+            "to keep the cache in a folder you can write to"
+        )
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, exclusive: bool, wait: bool = True) -> Iterator[bool]:
+    """Hold an flock on `folder` itself: no lock file to leave behind, and the kernel drops it
+    when the process dies, even by SIGKILL. Yields False when `wait` is False and another
+    process holds a conflicting lock; True (without locking) where flock is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield True
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:  # a file system without flock (some network mounts): no locking
+            pass
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _cache_owned(name: str) -> bool:
+    return name in (INDEX_NAME, PROBE_NAME) or _CACHE_FILE.match(name) is not None
+
+
+@contextlib.contextmanager
+def _using_cache(cache_dir: Path) -> Iterator[None]:
+    """A shared lock on the cache while it is read and written, so runs can share a cache.
+
+    Leftovers of killed runs are removed only when no other run holds the cache: a live run's
+    temp files look exactly like a dead one's.
+    """
+    with folder_lock(cache_dir, exclusive=True, wait=False) as alone:
+        if alone:
+            remove_temp_files(cache_dir, _cache_owned)
+    with folder_lock(cache_dir, exclusive=False):
+        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,6 +146,19 @@ def cache_stem(key: str) -> str:
 def default_cache_dir(data: Path) -> Path:
     """`<DATA>/.storydiff-cache`: hidden, so `find_sources` never mistakes it for data."""
     return Path(data) / CACHE_DIRNAME
+
+
+def prepare_cache_dir(folder: Path, cache_dir: Path | None = None) -> Path:
+    """The cache folder for the data folder `folder`, created and checked writable.
+
+    Called before any model is loaded, so a bad folder costs nothing. Raises DatasetError.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a folder; need a folder of videos or frame folders")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(folder)
+    check_writable_folder(cache_dir)
+    return cache_dir
 
 
 @dataclass(frozen=True)
@@ -225,23 +311,22 @@ def build_embedding_cache(
     Raises DatasetError when nothing usable is left.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: not a folder; need a folder of videos or frame folders")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(folder)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = prepare_cache_dir(folder, cache_dir)
     settings = EncodeSettings(encoder.name, encoder.preprocess_id, float(fps), short_side)
     sources = find_sources(folder)
-    index = _read_index(cache_dir)
-    _drop_stale(cache_dir, index, sources)
-    result = EmbeddingSet(folder, cache_dir, settings, encoder.dim)
-    try:
-        for done, source in enumerate(sources, 1):
-            _add_source(result, source, encoder, index, min_frames)
-            if on_progress is not None:
-                on_progress(done, len(sources), _relative_name(source.path, folder))
-    finally:
-        # Also after an interruption: the files written so far stay findable.
-        _write_index(cache_dir, index)
+    with _using_cache(cache_dir):
+        index = _read_index(cache_dir)
+        _drop_stale(cache_dir, index, sources)
+        result = EmbeddingSet(folder, cache_dir, settings, encoder.dim)
+        try:
+            for done, source in enumerate(sources, 1):
+                _add_source(result, source, encoder, index, min_frames)
+                if on_progress is not None:
+                    on_progress(done, len(sources), _relative_name(source.path, folder))
+        finally:
+            # Also after an interruption: the files written so far stay findable (after a
+            # SIGKILL they are found all the same, by name: the index is only a record).
+            _write_index(cache_dir, index)
     if not result.videos:
         raise _nothing_usable(folder, len(sources), result.skipped, min_frames, fps)
     return result

@@ -7,6 +7,7 @@ as they are. `tiny` is a small random CLIP vision model built offline, for tests
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -17,7 +18,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..models import ModelUnavailable, resolve_device
+from ..models import (
+    HubWeights,
+    ModelUnavailable,
+    from_hub,
+    hub_revision,
+    hub_unreachable,
+    quiet_loading,
+    resolve_device,
+    short_reason,
+)
+from ..story import is_model_path
 from ..tiny import TINY_SEED
 
 # name -> (hub id, subfolder). IP-Adapter's image encoder is the laion2B ViT-H/14 tower.
@@ -37,6 +48,7 @@ class ImageEncoder:
     name: str  # preset name, hub id or absolute path: recorded in caches and checkpoints
     device: str
     dtype: torch.dtype
+    revision: str | None = None  # commit of the cached hub snapshot it was loaded from
 
     @property
     def dim(self) -> int:
@@ -115,24 +127,51 @@ def load_image_encoder(
     source, subfolder = ENCODERS.get(name, (name, None))
     local = Path(source).expanduser()
     label = str(local.resolve()) if local.exists() else (name if name in ENCODERS else source)
-    try:
-        model = CLIPVisionModelWithProjection.from_pretrained(
+    where = f"{source}/{subfolder}" if subfolder else source
+
+    def load(cls: Any, local_only: bool, **kwargs: Any) -> Any:
+        return cls.from_pretrained(
             str(local) if local.exists() else source,
             subfolder=subfolder or "",
-            dtype=dtype,
+            local_files_only=local_only,
+            **kwargs,
         )
-    except (OSError, ValueError) as exc:
-        where = f"{source}/{subfolder}" if subfolder else source
-        raise ModelUnavailable(
-            f"image encoder {name!r}: cannot load {where} ({type(exc).__name__}); download it "
-            f"first with `hf download {source}` or pass --encoder with a local folder"
-        ) from exc
+
+    revision = None
+    if local.exists():
+        try:
+            with quiet_loading():
+                model = load(CLIPVisionModelWithProjection, True, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(
+                f"image encoder {name!r}: cannot load {local}: {short_reason(exc)}; fix the "
+                "folder or pass --encoder with another one"
+            ) from exc
+    elif is_model_path(source):  # a path that is not there: not a hub id to look up
+        raise ModelUnavailable(f"image encoder {name!r}: the folder {local} does not exist")
+    else:
+        fetch = f'{source} --include "{subfolder}/*"' if subfolder else source
+        what = f"The image encoder '{name}'" + (f" ({where})" if name != where else "")
+        weights = HubWeights(
+            what,
+            source,
+            fetch,
+            ", or pass --encoder with a local folder",
+        )
+        model = from_hub(
+            lambda local_only: load(CLIPVisionModelWithProjection, local_only, dtype=dtype),
+            weights,
+        )
+        revision = hub_revision(source, f"{subfolder}/config.json" if subfolder else "config.json")
     # IP-Adapter's image encoder folder carries no preprocessor config: it is used with
-    # CLIPImageProcessor's defaults (short side 224, centre crop, OpenAI mean/std).
-    try:
-        processor = _processor_class().from_pretrained(
-            str(local) if local.exists() else source, subfolder=subfolder or ""
-        )
-    except (OSError, ValueError):
+    # CLIPImageProcessor's defaults (short side 224, centre crop, OpenAI mean/std). The cache
+    # is asked first; the hub only when it answers (one quick probe: no retries on a miss).
+    processor = None
+    with contextlib.suppress(OSError, ValueError):
+        processor = load(_processor_class(), True)
+    if processor is None and not local.exists() and hub_unreachable(source) is None:
+        with contextlib.suppress(OSError, ValueError):
+            processor = load(_processor_class(), False)
+    if processor is None:
         processor = _processor_class()()
-    return ImageEncoder(model.to(device).eval(), processor, label, device, dtype)
+    return ImageEncoder(model.to(device).eval(), processor, label, device, dtype, revision)

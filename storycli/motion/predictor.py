@@ -26,11 +26,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..atomic import atomic_write_bytes, atomic_write_text
+from ..errors import InvalidInput
 
 WEIGHTS_NAME = "predictor.safetensors"
 
 
-class PredictorError(Exception):
+class PredictorError(InvalidInput):
     """A predictor checkpoint that cannot be used (missing, corrupt, wrong encoder width)."""
 
 

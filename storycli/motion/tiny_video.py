@@ -4,8 +4,9 @@ It mirrors the real `animatediff` decoder stack's *structure* at toy width, so t
 code runs end to end on a CPU in seconds: an SD1.5-shaped UNet (a cross-attention level, then a
 plain one) merged with a `MotionAdapter` into a `UNetMotionModel`, a `SparseControlNetModel`
 configured like `guoyww/animatediff-sparsectrl-rgb` (keyframes VAE-encoded to 4 channels, plus
-the mask channel), a small VAE (downsampling factor 4), a CLIP text encoder with the offline
-tokenizer of `storycli.tiny`, a DDIM scheduler set up as in the AnimateDiff docs, and an
+the mask channel; optionally like the scribble model: 3-channel images in pixel space), a small
+VAE (downsampling factor 4), a CLIP text encoder with the offline tokenizer of `storycli.tiny`,
+a DDIM scheduler set up as in the AnimateDiff docs, and an
 IP-Adapter loaded through `load_ip_adapter` from a random state dict in the original file
 format, so the projection and attention processors are exactly the objects a real checkpoint
 gives. The image encoder is `storycli.motion.encoder.build_tiny_image_encoder()` (32-d).
@@ -89,14 +90,24 @@ def _tiny_motion_adapter() -> diffusers.MotionAdapter:
     )
 
 
-def _tiny_sparsectrl() -> diffusers.SparseControlNetModel:
+def _tiny_sparsectrl(image_condition: bool = False) -> diffusers.SparseControlNetModel:
     from diffusers import SparseControlNetModel
 
-    # The RGB SparseCtrl: keyframes enter as 4-channel VAE latents through a single conv
-    # (`use_simplified_condition_embedding`), with the keyframe mask concatenated as a 5th.
+    if image_condition:
+        # The scribble/sketch SparseCtrl layout: 3-channel images in pixel space (plus the mask
+        # channel) through a strided conv stack. Two stride-2 stages (three widths) bring them
+        # down by 4, the tiny VAE's factor, as the real stack's three stages match SD1.5's 8.
+        layout: dict[str, Any] = {
+            "conditioning_channels": 3,
+            "use_simplified_condition_embedding": False,
+            "conditioning_embedding_out_channels": (8, 16, 32),
+        }
+    else:
+        # The RGB SparseCtrl: keyframes enter as 4-channel VAE latents through a single conv
+        # (`use_simplified_condition_embedding`), with the keyframe mask concatenated as a 5th.
+        layout = {"conditioning_channels": 4, "use_simplified_condition_embedding": True}
     return SparseControlNetModel(
         in_channels=4,
-        conditioning_channels=4,
         down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
         block_out_channels=_CHANNELS,
         layers_per_block=1,
@@ -106,7 +117,7 @@ def _tiny_sparsectrl() -> diffusers.SparseControlNetModel:
         motion_num_attention_heads=_HEADS,
         motion_max_seq_length=32,
         concat_conditioning_mask=True,
-        use_simplified_condition_embedding=True,
+        **layout,
     )
 
 
@@ -202,12 +213,14 @@ def _ip_adapter_state_dict(unet: Any, image_dim: int) -> dict[str, dict[str, tor
 
 
 def build_tiny_animatediff_stack(
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, image_condition: bool = False
 ) -> diffusers.AnimateDiffSparseControlNetPipeline:
     """Build the tiny random `AnimateDiffSparseControlNetPipeline` with an IP-Adapter loaded.
 
     The pipeline's `image_encoder` / `feature_extractor` are the tiny CLIP vision tower and its
     processor (the embedding space of the per-frame image tokens). Everything is on the CPU.
+    `image_condition=True` gives SparseCtrl the scribble model's layout (conditioning images in
+    pixel space, `use_simplified_condition_embedding=False`) instead of the RGB model's latents.
     """
     from diffusers import AnimateDiffSparseControlNetPipeline
 
@@ -217,7 +230,7 @@ def build_tiny_animatediff_stack(
         torch.manual_seed(TINY_SEED + 10)
         unet = _tiny_unet()
         adapter = _tiny_motion_adapter()
-        controlnet = _tiny_sparsectrl()
+        controlnet = _tiny_sparsectrl(image_condition)
         _wake_zero_layers(controlnet)
         vae = _tiny_vae()
         text_encoder = _tiny_text_encoder(tokenizer)

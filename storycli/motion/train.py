@@ -8,11 +8,14 @@ held-out *videos* and are drawn once.
 
 Every step's randomness is derived from (seed, step) — the clip sampler's generator and the
 dropout seed — so a run that is interrupted and resumed from a checkpoint retraces the
-uninterrupted run exactly. Nothing is printed: progress goes through `TrainHooks`.
+uninterrupted run exactly. Rerunning with the same options continues an unfinished run, as
+`generate` continues a story; leftovers of killed writes in OUT are removed on the next start.
+Nothing is printed: progress goes through `TrainHooks`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -30,9 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_bytes, atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_text, remove_temp_files
+from ..errors import InvalidInput
 from ..models import resolve_device
-from ..plan import derive_seed
+from ..paths import check_writable_folder
+from ..seeds import derive_seed
 from .dataset import (
     ClipBatch,
     ClipSampler,
@@ -43,7 +48,9 @@ from .dataset import (
     build_embedding_cache,
     embedding_center,
     embedding_rms,
+    folder_lock,
     min_video_frames,
+    prepare_cache_dir,
     split_videos,
     validation_clips,
 )
@@ -60,12 +67,18 @@ METRICS_NAME = "metrics.json"
 RUN_NAME = "run.json"
 STATE_NAME = "state.pt"
 CHECKPOINTS = "checkpoints"
+SCHEMA_VERSION = 1  # of the `--json` summary (TrainResult.summary)
+# What this module writes into OUT; run.json last, so a half-cleared folder is still recognised.
+_OUT_NAMES = (METRICS_NAME, CHECKPOINTS, "predictor.safetensors", "predictor.json", RUN_NAME)
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_OLD_TEMP_STEP = re.compile(r"^\.tmp-step_\d{6,}-[0-9a-f]{8}$")  # temp folders of earlier versions
 # What a checkpoint's data and model depend on: resuming with other values is an error.
 _FINGERPRINT = ("encoder", "frames", "fps", "short_side")
+# Options that do not make a different run: the rest must match to continue one unasked.
+_NOT_THE_RUN = ("resume", "overwrite")
 
 
-class TrainError(Exception):
+class TrainError(InvalidInput):
     """A training run that cannot start or continue (output folder, resume mismatch, data)."""
 
 
@@ -90,6 +103,8 @@ class TrainOptions:
     val_fraction: float = 0.1
     val_clips: int = 256
     seed: int = 0
+    # Continue from the last checkpoint, also with changed options (without it, an unfinished
+    # run of the very same options is continued all the same).
     resume: bool = False
     overwrite: bool = False
     device: str = "auto"
@@ -139,6 +154,21 @@ class TrainResult:
     clips_per_second: float | None  # training throughput of this call (cached embeddings)
     encode_frames_per_second: float | None  # decode + encode rate of the sources encoded now
     seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The `train-predictor --json` document."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "out": str(self.out),
+            "predictor": str(self.predictor_path),
+            "metrics": str(self.metrics_path),
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "final": self.final,
+            "counts": self.counts,
+            "clips_per_second": self.clips_per_second,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,17 +275,36 @@ def evaluate(
 
 
 def _run_files(out: Path) -> list[Path]:
-    names = (RUN_NAME, METRICS_NAME, CHECKPOINTS, "predictor.safetensors", "predictor.json")
-    return [out / n for n in names if (out / n).exists()]
+    return [out / n for n in _OUT_NAMES if (out / n).exists()]
+
+
+def _discard(path: Path) -> None:
+    """Delete a file or folder by first renaming it to a temp name: a kill halfway leaves a
+    leftover `_remove_leftovers` knows, never a half-deleted checkpoint that looks whole."""
+    doomed = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.replace(path, doomed)
+    if doomed.is_dir():
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        doomed.unlink(missing_ok=True)
 
 
 def _clear_run(out: Path) -> None:
     """Delete the files of an earlier run (only those this module writes)."""
     for path in _run_files(out):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        _discard(path)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove what killed runs leave in OUT: atomic-write temp files, temp and discarded
+    checkpoint folders. Only names this module writes; the caller holds OUT's lock."""
+    remove_temp_files(out, lambda name: name in _OUT_NAMES)
+    root = out / CHECKPOINTS
+    if root.is_dir():
+        remove_temp_files(root, lambda name: _STEP_DIR.match(name) is not None)
+        for path in root.iterdir():
+            if _OLD_TEMP_STEP.match(path.name) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def checkpoint_steps(out: Path) -> list[tuple[int, Path]]:
@@ -276,7 +325,7 @@ def _save_checkpoint(out: Path, step: int, state: dict, ema: MotionPredictor, ke
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-{final.name}-{secrets.token_hex(4)}"
+    tmp = root / f".{final.name}.{secrets.token_hex(6)}.tmp"  # as atomic.py names temp files
     tmp.mkdir()
     try:
         buffer = io.BytesIO()
@@ -284,21 +333,15 @@ def _save_checkpoint(out: Path, step: int, state: dict, ema: MotionPredictor, ke
         atomic_write_bytes(tmp / STATE_NAME, buffer.getvalue())
         save_predictor(ema, tmp)
         if final.exists():  # left by an earlier attempt that was resumed from before it
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for _, old in checkpoint_steps(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):  # pruning is housekeeping: never fail the run
+            _discard(old)
     return final
-
-
-def _remove_temp_checkpoints(out: Path) -> None:
-    root = out / CHECKPOINTS
-    if root.is_dir():
-        for path in root.glob(".tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _load_latest_state(out: Path, hooks: TrainHooks) -> tuple[dict, Path] | None:
@@ -312,6 +355,14 @@ def _load_latest_state(out: Path, hooks: TrainHooks) -> tuple[dict, Path] | None
         if state.get("step") == step:
             return state, path
     return None
+
+
+def _read_run_info(out: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out / RUN_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_metrics(out: Path) -> list[dict[str, Any]]:
@@ -429,6 +480,36 @@ def _check_size(config: PredictorConfig, options: TrainOptions, path: Path) -> N
         )
 
 
+def _check_same_unfinished_run(out: Path, existing: list[Path], options: TrainOptions) -> None:
+    """Without --resume/--overwrite, OUT may only hold an unfinished run of these same options.
+
+    That run is continued, as `generate` continues a story: rerunning the command that was
+    interrupted is how a user resumes. Anything else could be another experiment: refused.
+    """
+    info = _read_run_info(out)
+    status = info.get("status")
+    if status != "running":
+        what = "a finished training run" if status == "finished" else "a training run"
+        further = " and a higher --max-steps" if status == "finished" else ""
+        raise TrainError(
+            f"{out} already holds {what} ({', '.join(p.name for p in existing)}); continue it "
+            f"with --resume{further}, start over with --overwrite, or pick another folder"
+        )
+    saved = info.get("options") if isinstance(info.get("options"), dict) else {}
+    current = _options_json(options)
+    diff = [
+        f"{k} {saved.get(k)!r} -> {v!r}"
+        for k, v in current.items()
+        if k not in _NOT_THE_RUN and saved.get(k) != v
+    ]
+    if diff:
+        raise TrainError(
+            f"{out} already holds an unfinished training run with other settings "
+            f"({'; '.join(diff)}); continue it with --resume, start over with --overwrite, or "
+            "pick another folder"
+        )
+
+
 def _prepare_out(options: TrainOptions, hooks: TrainHooks) -> tuple[dict, Path] | None:
     """Check OUT against resume/overwrite; the checkpoint state to resume from, if any.
 
@@ -436,17 +517,16 @@ def _prepare_out(options: TrainOptions, hooks: TrainHooks) -> tuple[dict, Path] 
     """
     out = options.out
     existing = _run_files(out)
+    resume = options.resume
     if existing and not (options.resume or options.overwrite):
-        raise TrainError(
-            f"{out} already holds a training run ({', '.join(p.name for p in existing)}); "
-            "continue it with --resume, start over with --overwrite, or pick another folder"
-        )
+        _check_same_unfinished_run(out, existing, options)
+        resume = True
+        hooks.note(f"{out} holds an unfinished run with these settings: continuing it")
     if options.overwrite:
         return None
-    _remove_temp_checkpoints(out)
-    loaded = _load_latest_state(out, hooks) if options.resume else None
+    loaded = _load_latest_state(out, hooks) if resume else None
     if loaded is None:
-        if options.resume and existing:
+        if resume and existing:
             hooks.note(f"no usable checkpoint in {out}: starting a new run")
         return None
     state, path = loaded
@@ -650,18 +730,57 @@ def _validation_set(
     return val
 
 
+def _claim_out(claim: contextlib.ExitStack, out: Path) -> None:
+    """Lock OUT for this process (until `claim` closes) and clear killed runs' leftovers."""
+    if not claim.enter_context(folder_lock(out, exclusive=True, wait=False)):
+        raise TrainError(
+            f"{out} is in use by another train-predictor run; wait for it to end or pick "
+            "another folder"
+        )
+    _remove_leftovers(out)
+
+
+def _note_warmup(options: TrainOptions, hooks: TrainHooks) -> None:
+    if options.max_steps < options.warmup_steps:
+        peak = options.lr * options.max_steps / options.warmup_steps  # lr of the last step
+        hooks.note(
+            f"max_steps {options.max_steps} is shorter than warmup_steps "
+            f"{options.warmup_steps}: the learning rate never reaches its peak {options.lr:g} "
+            f"(it stops at {peak:.3g}); lower --warmup-steps"
+        )
+
+
 def train_predictor(options: TrainOptions, hooks: TrainHooks | None = None) -> TrainResult:
-    """Train (or resume training) a motion predictor; see the module docstring for the recipe."""
+    """Train (or resume training) a motion predictor; see the module docstring for the recipe.
+
+    Without `resume` or `overwrite`, an unfinished run of the same options in OUT is continued.
+    """
     hooks = hooks or TrainHooks()
     began = time.perf_counter()
     options = replace(options, data=Path(options.data), out=Path(options.out))
     _validate(options)
+    _note_warmup(options, hooks)
+    with contextlib.ExitStack() as claim:
+        return _train(options, hooks, claim, began)
+
+
+def _train(
+    options: TrainOptions, hooks: TrainHooks, claim: contextlib.ExitStack, began: float
+) -> TrainResult:
+    check_writable_folder(options.out, "--out")
+    claimed = options.out.is_dir()
+    if claimed:  # before anything is read from it: another live run there is refused
+        _claim_out(claim, options.out)
     resumed = _prepare_out(options, hooks)
+    # The cache folder is checked before the encoder loads and anything is encoded.
+    prepare_cache_dir(options.data, options.cache_dir)
     device = resolve_device(options.device)
     data, encoder = _load_data(options, hooks)
     split, train_videos, val_videos = _split(options, data)
     # Only now, with the encoder and data known to be good: a failed start leaves no folder.
     options.out.mkdir(parents=True, exist_ok=True)
+    if not claimed:
+        _claim_out(claim, options.out)
     if resumed is None:
         config = predictor_config(options, encoder.dim, embedding_rms(train_videos), encoder)
     else:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..atomic import fsync_path
+from ..errors import RuntimeProblem
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -33,6 +35,7 @@ __all__ = [
     "probe_mp4",
     "probe_video",
     "read_frames",
+    "temp_target",
     "write_mp4",
 ]
 
@@ -43,9 +46,14 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".
 
 _MACRO_BLOCK = 16  # H.264 works on 16x16 blocks; padding ourselves avoids ffmpeg rescaling
 _MAX_REASON_CHARS = 200
+_TEMP_TOKEN_BYTES = 6  # secrets.token_hex(6): 12 hex digits in a temp file's name
+# `.NAME.<12 hex>.tmp.mp4`, as _reserve_temp names them.
+_TEMP_NAME = re.compile(rf"\.(?P<target>.+)\.[0-9a-f]{{{2 * _TEMP_TOKEN_BYTES}}}\.tmp\.mp4")
+
+FrameCallback = Callable[[int, int], None]  # (frames sent to the encoder, total)
 
 
-class VideoError(Exception):
+class VideoError(RuntimeProblem):
     """A video or frame folder that cannot be found, decoded or written."""
 
 
@@ -314,7 +322,7 @@ def _reserve_temp(target: Path) -> Path:
     """Create an empty, exclusive temp file next to ``target`` whose name ends in .mp4."""
     for _ in range(100):
         # ffmpeg picks the container from the extension, so the name must end with .mp4.
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp.mp4")
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp.mp4")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -325,7 +333,23 @@ def _reserve_temp(target: Path) -> Path:
     raise VideoError(f"could not create a temp file next to {target}.")
 
 
-def _encode(tmp: Path, frames: Sequence[Image.Image | np.ndarray], fps: float, crf: int) -> None:
+def temp_target(name: str) -> str | None:
+    """The file name a `write_mp4` temp file called ``name`` was to become, else None.
+
+    A process killed mid-encode leaves its temp file behind; this lets the owner of the
+    target names find exactly those leftovers (and nothing else) to remove.
+    """
+    match = _TEMP_NAME.fullmatch(name)
+    return match["target"] if match else None
+
+
+def _encode(
+    tmp: Path,
+    frames: Sequence[Image.Image | np.ndarray],
+    fps: float,
+    crf: int,
+    on_frame: FrameCallback | None,
+) -> None:
     """Encode padded RGB frames to ``tmp`` with libx264 through imageio-ffmpeg's writer."""
     first = pad_to_multiple(_to_rgb_array(frames[0]), _MACRO_BLOCK)
     writer = imageio_ffmpeg.write_frames(
@@ -342,9 +366,13 @@ def _encode(tmp: Path, frames: Sequence[Image.Image | np.ndarray], fps: float, c
     )
     try:
         writer.send(None)  # prime the generator before the first frame
-        for frame in frames:
+        if on_frame is not None:
+            on_frame(0, len(frames))
+        for done, frame in enumerate(frames, 1):
             padded = pad_to_multiple(_to_rgb_array(frame), _MACRO_BLOCK)
             writer.send(np.ascontiguousarray(padded).tobytes())
+            if on_frame is not None:
+                on_frame(done, len(frames))
     finally:
         writer.close()  # flushes and waits for ffmpeg to finish the file
 
@@ -361,13 +389,21 @@ def _verify(tmp: Path, target: Path, expected_frames: int) -> VideoInfo:
 
 
 def write_mp4(
-    path: Path, frames: Sequence[Image.Image | np.ndarray], fps: float, quality: int = 8
+    path: Path,
+    frames: Sequence[Image.Image | np.ndarray],
+    fps: float,
+    quality: int = 8,
+    on_frame: FrameCallback | None = None,
 ) -> VideoInfo:
     """Atomically write an H.264/yuv420p MP4 and return what was read back from it.
 
     Frames (PIL images or HxWx3 uint8 arrays, all one size) are padded at the bottom/right to
     multiples of 16. ``quality`` 0-10 maps to crf = (1 - quality/10) * 51. On any failure the
     target is left untouched, no temp file remains, and VideoError is raised.
+
+    ``on_frame(done, total)`` is called once ffmpeg has started (done 0) and after each frame
+    sent to it. ffmpeg still flushes and the file is read back after the last call: the target
+    exists only when this function returns.
     """
     path = Path(path)
     if fps <= 0:
@@ -378,7 +414,7 @@ def write_mp4(
     crf = int((1 - quality / 10) * 51)
     tmp = _reserve_temp(path)
     try:
-        _encode(tmp, frames, fps, crf)
+        _encode(tmp, frames, fps, crf, on_frame)
         info = _verify(tmp, path, len(frames))
         fsync_path(tmp)
         os.replace(tmp, path)

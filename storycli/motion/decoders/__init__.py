@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from .. import DECODERS
 from .base import StepCallback, TransitionDecoder, TransitionRequest
-
-DECODERS = ("crossfade", "latent-slerp", "animatediff")
 
 __all__ = ["DECODERS", "StepCallback", "TransitionDecoder", "TransitionRequest", "load_decoder"]
 

@@ -21,11 +21,20 @@ import torch
 from PIL import Image
 
 from ...models import (
+    HubWeights,
     ModelUnavailable,
     Offload,
+    cached_snapshot,
+    check_offload,
+    from_hub,
+    hub_revision,
+    load_errors,
     place_pipeline,
+    quiet_loading,
     resolve_device,
     resolve_dtype,
+    short_reason,
+    weights_variant,
 )
 from ...story import local_model_path
 from ..encoder import ENCODERS, ImageEncoder, load_image_encoder
@@ -35,15 +44,7 @@ from .base import StepCallback, TransitionRequest
 # ------------------------------------------------------------------------------------ loading
 
 
-def _unavailable(label: str, source: str, exc: Exception, fetch: str) -> ModelUnavailable:
-    local = local_model_path(source, Path.cwd())
-    if local is not None and local.exists():
-        return ModelUnavailable(f"Cannot load the {label} from {local.resolve()}: {exc}")
-    return ModelUnavailable(
-        f"The {label} '{source}' is not in the local Hugging Face cache and could not be "
-        f"downloaded ({type(exc).__name__}); fetch it once on a connected machine with "
-        f"`hf download {fetch}`, or point the video preset at a local folder."
-    )
+_LOCAL_HINT = ", or point the video preset at a local folder"
 
 
 def _check_local(label: str, source: str) -> None:
@@ -56,13 +57,45 @@ def _check_local(label: str, source: str) -> None:
         )
 
 
-def _load(label: str, source: str, load: Callable[[str], Any], fetch: str | None = None) -> Any:
-    """Run `load` on a hub id or local folder, turning any failure into `ModelUnavailable`."""
+def _load(
+    label: str,
+    source: str,
+    load: Callable[[str, bool], Any],
+    fetch: str | None = None,
+    shown: str | None = None,
+) -> Any:
+    """`load(folder or hub id, local_files_only)`: a local folder as it is, a hub id from the
+    cache first (see `models.from_hub`); any failure becomes one `ModelUnavailable` sentence."""
     local = local_model_path(source, Path.cwd())
-    try:
-        return load(str(local) if local is not None else source)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise _unavailable(label, source, exc, fetch or source) from exc
+    if local is not None:
+        try:
+            with quiet_loading():
+                return load(str(local), True)
+        except load_errors() as exc:
+            raise ModelUnavailable(
+                f"Cannot load the {label} from {local.resolve()}: {short_reason(exc)}"
+            ) from exc
+    weights = HubWeights(f"The {label} '{shown or source}'", source, fetch or source, _LOCAL_HINT)
+    return from_hub(lambda local_only: load(source, local_only), weights)
+
+
+def _hub_revisions(preset: VideoPreset, encoder: ImageEncoder) -> dict[str, str | None]:
+    """The cached snapshot commit of each hub component (None: local, tiny or not cached)."""
+
+    def revision(source: str | None, known_file: str) -> str | None:
+        if not source or source == "tiny" or local_model_path(source, Path.cwd()) is not None:
+            return None
+        return hub_revision(source, known_file)
+
+    ip = preset.ip_adapter
+    ip_file = "/".join(p for p in (ip.subfolder, ip.weight_name) if p) if ip else ""
+    return {
+        "base_revision": revision(preset.base, "model_index.json"),
+        "motion_adapter_revision": revision(preset.motion_adapter, "config.json"),
+        "sparsectrl_revision": revision(preset.sparsectrl, "config.json"),
+        "ip_adapter_revision": revision(ip.repo if ip else None, ip_file),
+        "image_encoder_revision": encoder.revision,
+    }
 
 
 def _ip_adapter_fetch(ref: ComponentRef) -> str:
@@ -83,10 +116,18 @@ def _check_ip_adapter_file(ref: ComponentRef) -> None:
                 f"`hf download {_ip_adapter_fetch(ref)} --local-dir {local}` or fix the path."
             )
         return
-    try:
-        hf_hub_download(ref.repo, str(ref.weight_name), subfolder=ref.subfolder or None)
-    except (OSError, ValueError) as exc:
-        raise _unavailable("IP-Adapter", ref.where, exc, _ip_adapter_fetch(ref)) from exc
+    _load(
+        "IP-Adapter",
+        ref.repo,
+        lambda repo, local_only: hf_hub_download(
+            repo,
+            str(ref.weight_name),
+            subfolder=ref.subfolder or None,
+            local_files_only=local_only,
+        ),
+        _ip_adapter_fetch(ref),
+        shown=ref.where,
+    )
 
 
 def _load_encoder(ref: ComponentRef, device: str, dtype: torch.dtype) -> ImageEncoder:
@@ -107,11 +148,14 @@ def _load_encoder(ref: ComponentRef, device: str, dtype: torch.dtype) -> ImageEn
     folder = _load(
         "image encoder",
         ref.repo,
-        lambda src: snapshot_download(src, allow_patterns=[f"{ref.subfolder}/*"]),
+        lambda src, local_only: snapshot_download(
+            src, allow_patterns=[f"{ref.subfolder}/*"], local_files_only=local_only
+        ),
         fetch,
     )
     encoder = load_image_encoder(str(Path(folder) / ref.subfolder), device, dtype)
     encoder.name = ref.where
+    encoder.revision = hub_revision(ref.repo, f"{ref.subfolder}/config.json")
     return encoder
 
 
@@ -139,39 +183,52 @@ def _load_real_stack(preset: VideoPreset, device: str, dtype: torch.dtype) -> tu
     adapter = _load(
         "motion adapter",
         preset.motion_adapter,
-        lambda src: MotionAdapter.from_pretrained(src, dtype=dtype),
+        lambda src, local_only: MotionAdapter.from_pretrained(
+            src, dtype=dtype, local_files_only=local_only
+        ),
     )
     controlnet = _load(
         "SparseCtrl model",
         preset.sparsectrl,
-        lambda src: SparseControlNetModel.from_pretrained(src, dtype=dtype),
+        lambda src, local_only: SparseControlNetModel.from_pretrained(
+            src, dtype=dtype, local_files_only=local_only
+        ),
     )
     encoder = _load_encoder(enc, device, dtype)
-    variant = preset.variant if dtype == torch.float16 else None
+    preferred = preset.variant if dtype == torch.float16 else None
+
+    def base_variant(src: str, local_only: bool) -> str | None:
+        # What is on disk decides (an fp16-only download runs in float32 too); else the preset.
+        folder = Path(src) if Path(src).is_dir() else cached_snapshot(src) if local_only else None
+        return weights_variant(folder, preferred) if folder is not None else preferred
+
     with quiet_diffusers_models():
         pipe = _load(
             "base model",
             preset.base,
-            lambda src: AnimateDiffSparseControlNetPipeline.from_pretrained(
+            lambda src, local_only: AnimateDiffSparseControlNetPipeline.from_pretrained(
                 src,
                 motion_adapter=adapter,
                 controlnet=controlnet,
                 image_encoder=encoder.model,
                 feature_extractor=encoder.processor,
                 dtype=dtype,
-                variant=variant,
+                variant=base_variant(src, local_only),
+                local_files_only=local_only,
             ),
         )
         _load(
             "IP-Adapter",
             ip.repo,
-            lambda src: pipe.load_ip_adapter(
+            lambda src, local_only: pipe.load_ip_adapter(
                 src,
                 subfolder=ip.subfolder or "",
                 weight_name=ip.weight_name,
                 image_encoder_folder=None,  # ours is loaded above, through encoder.py
+                local_files_only=local_only,
             ),
             _ip_adapter_fetch(ip),
+            shown=ip.where,
         )
     # The AnimateDiff docs' sampler: DDIM with linear betas and no sample clipping.
     pipe.scheduler = DDIMScheduler.from_config(
@@ -207,6 +264,7 @@ def load_animatediff_decoder(
     """
     preset = resolve_video_preset(model, load_video_presets(configs_dir))
     device = resolve_device(device)
+    check_offload(offload, device)
     torch_dtype = resolve_dtype(dtype, device)
     if preset.tiny:
         from ..tiny_video import build_tiny_animatediff_stack
@@ -248,8 +306,11 @@ class _Conditioning:
 
     text: torch.Tensor  # [(2·)L, 77, D]: per-frame text embeddings
     image_embeds: torch.Tensor  # [(2·)L, D_img]: per-frame CLIP image embeddings (0 = negative)
-    control: torch.Tensor  # [1, C, L, h, w]: keyframe latents at frames 0 and L-1, else 0
+    control: torch.Tensor  # [1, C, L, h, w]: keyframes at frames 0 and L-1, else 0
     control_mask: torch.Tensor  # [1, 1, L, h, w]
+    # (width, height) in pixels the frames are rendered at. Not control's shape: that is latent
+    # sized for the RGB SparseCtrl but pixel sized for image-space ones (scribble, 3 channels).
+    size: tuple[int, int]
 
 
 class AnimateDiffDecoder:
@@ -307,6 +368,7 @@ class AnimateDiffDecoder:
             "sparsectrl": p.sparsectrl,
             "ip_adapter": p.ip_adapter.where if p.ip_adapter else None,
             "image_encoder": self.image_encoder.name,
+            **_hub_revisions(p, self.image_encoder),
             "steps": self.steps,
             "guidance": self.guidance,
             "size": p.size,
@@ -383,7 +445,7 @@ class AnimateDiffDecoder:
             # The negative half gets a zero image embedding, as the stock pipeline does.
             image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
         control, mask = self._control(keyframes, frames, device)
-        return _Conditioning(text, image_embeds, control, mask)
+        return _Conditioning(text, image_embeds, control, mask, keyframes[0].size)
 
     def _text(
         self, start: str | None, end: str | None, frames: int, device: torch.device
@@ -444,13 +506,13 @@ class AnimateDiffDecoder:
         device = cond.text.device
         # Noise from a CPU generator: the same seed gives the same video on any device.
         generator = torch.Generator("cpu").manual_seed(seed)
-        width, height = cond.control.shape[-1], cond.control.shape[-2]
-        latents = pipe.prepare_latents(
+        width, height = cond.size
+        latents = pipe.prepare_latents(  # pixel size in, latents of size / vae_scale_factor out
             1,
             unet.config.in_channels,
             frames,
-            height * pipe.vae_scale_factor,
-            width * pipe.vae_scale_factor,
+            height,
+            width,
             cond.text.dtype,
             device,
             generator,

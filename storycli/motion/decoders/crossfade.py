@@ -11,14 +11,19 @@ from ..predictor import taus
 from .base import StepCallback, TransitionRequest
 
 
-def blend(start: Image.Image, end: Image.Image, frames: int) -> list[Image.Image]:
-    """(1 − τ)·start + τ·end for τ = 0 … 1 over `frames` frames (exact keyframes at the ends)."""
+def blend(
+    start: Image.Image, end: Image.Image, frames: int, on_step: StepCallback | None = None
+) -> list[Image.Image]:
+    """(1 − τ)·start + τ·end for τ = 0 … 1 over `frames` frames (exact keyframes at the ends).
+    `on_step(done, frames)` after each frame: a long blend of big keyframes shows its progress."""
     a = np.asarray(start.convert("RGB"), dtype=np.float32)
     b = np.asarray(end.convert("RGB").resize(start.size, Image.Resampling.LANCZOS), np.float32)
     out = []
-    for t in taus(frames).tolist():
+    for done, t in enumerate(taus(frames).tolist(), 1):
         mixed = np.rint(a + (b - a) * t).clip(0, 255).astype(np.uint8)
         out.append(Image.fromarray(mixed))
+        if on_step is not None:
+            on_step(done, frames)
     return out
 
 
@@ -34,7 +39,4 @@ class CrossfadeDecoder:
     def transition(
         self, request: TransitionRequest, on_step: StepCallback | None = None
     ) -> list[Image.Image]:
-        frames = blend(request.start, request.end, request.frames)
-        if on_step is not None:
-            on_step(1, 1)
-        return frames
+        return blend(request.start, request.end, request.frames, on_step)

@@ -13,7 +13,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...models import ModelUnavailable, resolve_device, resolve_dtype
+from ...models import (
+    HubWeights,
+    ModelUnavailable,
+    from_hub,
+    hub_revision,
+    quiet_loading,
+    resolve_device,
+    resolve_dtype,
+    short_reason,
+)
+from ...story import is_model_path
 from ..predictor import slerp_embeddings
 from .base import StepCallback, TransitionRequest
 
@@ -35,20 +45,28 @@ def load_vae(model: str | None, device: str, dtype: str) -> tuple[Any, str]:
         vae = build_tiny_sdxl_pipeline(torch_dtype).vae
         return vae.to(device), "tiny"
     local = Path(source).expanduser()
-    subfolder = "vae" if (local / "vae").is_dir() else None
-    try:
-        vae = AutoencoderKL.from_pretrained(
-            str(local) if local.exists() else source, subfolder=subfolder, dtype=torch_dtype
-        )
-    except (OSError, ValueError) as exc:
-        if local.exists():
-            raise ModelUnavailable(f"cannot load a VAE from {local}: {exc}") from exc
-        raise ModelUnavailable(
-            f"VAE '{source}' is not in the local Hugging Face cache and could not be "
-            f"downloaded; fetch it once on a connected machine with `hf download {source}`, "
-            "or pass --model with a local VAE folder."
-        ) from exc
-    return vae.to(device).eval(), str(local.resolve()) if local.exists() else source
+    if local.exists():
+        subfolder = "vae" if (local / "vae").is_dir() else None
+        try:
+            with quiet_loading():
+                vae = AutoencoderKL.from_pretrained(
+                    str(local), subfolder=subfolder, dtype=torch_dtype, local_files_only=True
+                )
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(f"cannot load a VAE from {local}: {short_reason(exc)}") from exc
+        return vae.to(device).eval(), str(local.resolve())
+    if is_model_path(source):  # a path that is not there: not a hub id to look up
+        raise ModelUnavailable(f"the VAE folder {local} does not exist; fix --model")
+    weights = HubWeights(
+        f"The VAE '{source}'", source, source, ", or pass --model with a local VAE folder"
+    )
+    vae = from_hub(
+        lambda local_only: AutoencoderKL.from_pretrained(
+            source, dtype=torch_dtype, local_files_only=local_only
+        ),
+        weights,
+    )
+    return vae.to(device).eval(), source
 
 
 class LatentSlerpDecoder:
@@ -61,9 +79,12 @@ class LatentSlerpDecoder:
         self.vae = vae
         self.label = label
         self.chunk = chunk  # frames decoded at once: bounds memory for long transitions
+        # The cached snapshot's commit when the VAE came from the hub (label = its hub id).
+        hub_id = label != "tiny" and not Path(label).is_absolute()
+        self.revision = hub_revision(label, "config.json") if hub_id else None
 
     def describe(self) -> dict[str, Any]:
-        return {"decoder": self.name, "vae": self.label}
+        return {"decoder": self.name, "vae": self.label, "vae_revision": self.revision}
 
     def _pixels(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
         array = np.asarray(image.convert("RGB").resize(size, Image.Resampling.LANCZOS))
