@@ -99,85 +99,6 @@ def bank_settings(plan: Plan) -> BankSettings:
     )
 
 
-def generate_keyframes_per_call(
-    pipe: Any,
-    plan: Plan,
-    todo: Iterable[int],
-    size: RenderSize,
-    on_frame: FrameCallback,
-    on_step: StepCallback | None = None,
-    on_call: Callable[[str], None] | None = None,
-    compile_backend: str | None = None,
-) -> None:
-    """The per-call schedule: one full `pipe(...)` denoising loop per plan call, the bank kept
-    for every step until the story is done. The reference `generate_keyframes` is tested
-    against (same frames within float tolerance); not used to make stories."""
-    todo = set(todo)
-    calls = calls_needed(plan, todo)
-    story = plan.story
-    state: CSAState | None = None
-    guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if story.uses_consistency:
-        state = CSAState(
-            csa_settings(plan),
-            csa_layers(pipe.unet, story.consistency.blocks),
-            bank_settings(plan),
-            compiled=compile_backend is not None,
-        )
-        guard = installed_csa(pipe.unet, state)
-    compiling: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if compile_backend is not None:
-        compiling = compiled_unet(pipe.unet, compile_backend)
-
-    with guard, compiling, freeu_enabled(pipe, plan), torch.inference_mode():
-        for call in calls:
-            frames = [plan.frames[i] for i in call.frames]
-            if on_call is not None:
-                on_call(describe_call(call))
-            window: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-            if state is not None:
-                state.begin_call(
-                    "off" if call.phase == "plain" else call.phase,
-                    n_images=len(frames),
-                    seed=call.csa_seed,
-                    character=call.character,
-                    read_characters=frames[0].characters if call.phase == "read" else (),
-                )
-            if state is not None and call.phase == "window":
-                c = story.consistency
-                window = windowed_unet(pipe.unet, state, len(frames), c.window, c.stride)
-                pipe.vae.enable_slicing()  # decode a long story one frame at a time
-
-            def step_end(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-                if on_step is not None:
-                    on_step(step + 1, story.steps)
-                return kwargs
-
-            started = time.perf_counter()
-            with window:
-                images = pipe(
-                    prompt=[f.prompt for f in frames],
-                    # All-empty negatives → None, so SDXL uses zeroed negative embeddings as usual.
-                    negative_prompt=[f.negative for f in frames]
-                    if any(f.negative for f in frames)
-                    else None,
-                    width=size.width,
-                    height=size.height,
-                    num_inference_steps=story.steps,
-                    guidance_scale=story.guidance,
-                    generator=[torch.Generator("cpu").manual_seed(f.seed) for f in frames],
-                    latents=initial_noise(pipe, frames, size, pipe.unet.dtype),
-                    callback_on_step_end=step_end,
-                    output_type="pil",
-                ).images
-            seconds = (time.perf_counter() - started) / len(frames)
-            if state is not None:
-                state.end_call()
-            for frame, image in zip(frames, images, strict=True):
-                if frame.index in todo:
-                    on_frame(frame.index, image, seconds)
-
-
 # ------------------------------------------------------------------------------ story loop
 
 
@@ -235,6 +156,7 @@ def story_chunks(plan: Plan, calls: Iterable[GenerationCall], frame_batch: int) 
     return chunks
 
 
+@torch.inference_mode()
 def generate_keyframes(
     pipe: Any,
     plan: Plan,
@@ -269,15 +191,13 @@ def generate_keyframes(
     frames = [plan.frames[i] for call in calls for i in call.frames]  # one row each
     started = time.perf_counter()
 
-    # 1. Prompts: every frame's embeddings (all-empty negatives → None: SDXL's zeroed ones).
-    negative = [f.negative for f in frames] if any(f.negative for f in frames) else None
-    prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=[f.prompt for f in frames],
-        device=device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=cfg,
-        negative_prompt=negative,
-    )
+    # 1. Prompts and SDXL's added conditioning (pooled text, size ids), a chunk at a time: batch
+    # composition moves float results, so a frame's embeddings depend only on its own chunk and
+    # a frame made again (its chunk alone) is bit-identical.
+    inputs = [
+        text_conditioning(pipe, [frames[r] for r in chunk.rows], size, cfg) for chunk in chunks
+    ]
+    dtype = inputs[0][0].dtype
 
     # 2. Timesteps: one scheduler for the batch (multistep schedulers keep per-sample history).
     scheduler.set_timesteps(story.steps, device=device)
@@ -286,34 +206,12 @@ def generate_keyframes(
 
     # 3. Initial noise, each frame's as the plan says (see plan.noise_draws); generators for
     # the schedulers that draw noise while stepping.
-    noise = initial_noise(pipe, frames, size, prompt_embeds.dtype)
+    noise = initial_noise(pipe, frames, size, dtype)
     latents = noise.to(device) * scheduler.init_noise_sigma
     generators = [torch.Generator("cpu").manual_seed(f.seed) for f in frames]
     step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
 
-    # 4. SDXL's added conditioning: pooled text embeddings and size ids, the same for all.
-    projection = (
-        int(pooled.shape[-1])
-        if pipe.text_encoder_2 is None
-        else pipe.text_encoder_2.config.projection_dim
-    )
-    time_ids = pipe._get_add_time_ids(
-        (size.height, size.width),
-        (0, 0),
-        (size.height, size.width),
-        dtype=prompt_embeds.dtype,
-        text_encoder_projection_dim=projection,
-    ).to(device)
-
-    def conditioning(rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        text, pooled_rows = prompt_embeds[rows], pooled[rows]
-        if cfg:  # [unconditional rows..., conditional rows...], as diffusers does
-            text = torch.cat([negative_embeds[rows], text])
-            pooled_rows = torch.cat([negative_pooled[rows], pooled_rows])
-        ids = time_ids.repeat(text.shape[0], 1)
-        return text, {"text_embeds": pooled_rows, "time_ids": ids}
-
-    # 5. CSA: one stream of draws per plan call; the bank lives for one step.
+    # 4. CSA: one stream of draws per plan call; the bank lives for one step.
     state: CSAState | None = None
     guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     streams: dict[int, list[Any]] = {}
@@ -329,7 +227,7 @@ def generate_keyframes(
     if compile_backend is not None:
         compiling = compiled_unet(unet, compile_backend)
 
-    with guard, compiling, freeu_enabled(pipe, plan), torch.inference_mode():
+    with guard, compiling, freeu_enabled(pipe, plan):
         if state is not None:
             for n, chunk in enumerate(chunks):
                 streams[n] = [
@@ -344,9 +242,8 @@ def generate_keyframes(
                     )
                     for call in chunk.calls
                 ]
-        inputs = [conditioning(list(chunk.rows)) for chunk in chunks]
 
-        # 6. Resume: a checkpoint of these very frames continues after its step.
+        # 5. Resume: a checkpoint of these very frames continues after its step.
         every_stream = [stream for chunk_streams in streams.values() for stream in chunk_streams]
         start = 0
         saved = checkpoint.load() if checkpoint is not None else None
@@ -360,7 +257,7 @@ def generate_keyframes(
                 stream.step = at
             start = saved["step"] + 1
 
-        # 7. The story loop: every chunk's forward at step t, then one scheduler step for all.
+        # 6. The story loop: every chunk's forward at step t, then one scheduler step for all.
         for step, t in enumerate(scheduler.timesteps):
             if step < start:
                 continue
@@ -408,7 +305,7 @@ def generate_keyframes(
                     },
                 )
 
-        # 8. Decode, a chunk at a time (bounded memory), and hand each frame over.
+        # 7. Decode, a chunk at a time (bounded memory), and hand each frame over.
         seconds = (time.perf_counter() - started) / len(frames)
         for chunk in chunks:
             images = decode_latents(pipe, latents[list(chunk.rows)])
@@ -422,6 +319,39 @@ def generate_keyframes(
         "peak_bank_bytes": state.peak_bank_bytes if state is not None else 0,
         "checkpoint": checkpoint.describe() if checkpoint is not None else None,
     }
+
+
+def text_conditioning(
+    pipe: Any, frames: list[PlannedFrame], size: RenderSize, cfg: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The UNet's text inputs for a batch of frames, as the SDXL pipeline builds them: prompt
+    embeddings and `added_cond_kwargs` (pooled embeddings, size ids), unconditional rows first
+    under CFG. All-empty negatives become SDXL's zeroed negative embeddings, as in diffusers."""
+    negative = [f.negative for f in frames] if any(f.negative for f in frames) else None
+    text, negative_text, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=[f.prompt for f in frames],
+        device=pipe._execution_device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=cfg,
+        negative_prompt=negative,
+    )
+    projection = (
+        int(pooled.shape[-1])
+        if pipe.text_encoder_2 is None
+        else pipe.text_encoder_2.config.projection_dim
+    )
+    time_ids = pipe._get_add_time_ids(
+        (size.height, size.width),
+        (0, 0),
+        (size.height, size.width),
+        dtype=text.dtype,
+        text_encoder_projection_dim=projection,
+    )
+    if cfg:
+        text = torch.cat([negative_text, text])
+        pooled = torch.cat([negative_pooled, pooled])
+    ids = time_ids.to(text.device).repeat(text.shape[0], 1)
+    return text, {"text_embeds": pooled, "time_ids": ids}
 
 
 def initial_noise(

@@ -206,5 +206,5 @@ def test_quick_story_loop_memory_benchmark(tmp_path):
             assert growth["ratio"] == pytest.approx(growth["points"][1][1] / growth["points"][0][1])
 
     markdown = next(tmp_path.glob("story-cpu-quick-*.md")).read_text()
-    assert "| frames | steps | stock peak GiB | CSA peak GiB | × stock |" in markdown
+    assert "| frames | steps | stock story peak GiB | CSA story peak GiB | × stock" in markdown
     assert "no growth with steps" in markdown and "no growth with frames" in markdown

@@ -6,15 +6,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from per_call_schedule import generate_keyframes_per_call
 
 from storycli.consistency import ConsistentSelfAttnProcessor, CSAState, csa_layers, installed_csa
 from storycli.consistency.csa import BankSettings, CSASettings
-from storycli.keyframes import (
-    generate_keyframes,
-    generate_keyframes_per_call,
-    render_size,
-    story_chunks,
-)
+from storycli.keyframes import generate_keyframes, render_size, story_chunks
 from storycli.models import set_scheduler
 from storycli.plan import build_plan
 from storycli.story import load_story
