@@ -427,7 +427,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--frame-batch",
         type=int,
-        help="read frames per forward (default: the story loop's, 1 on CPU and 4 on GPUs)",
+        help="read frames per forward (default: the story loop's, 2 on CPU and 4 on GPUs)",
     )
     p.add_argument(
         "--csa",

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,10 +90,13 @@ def temp_target(name: str) -> str | None:
     return match["name"] if match else None
 
 
-def remove_temp_files(folder: Path, ours: Callable[[str], bool]) -> list[Path]:
+def remove_temp_files(
+    folder: Path, ours: Callable[[str], bool], min_age_seconds: float = 0.0
+) -> list[Path]:
     """Delete the temp files (and temp folders of the same naming) a killed run left in
     `folder` for the targets `ours` claims; anything else, however it looks, stays. Only call
-    this while no other process can be writing into `folder`."""
+    this while no other process can be writing into `folder`, or with `min_age_seconds` longer
+    than any write takes (a temp file lives for one write)."""
     removed: list[Path] = []
     try:
         entries = sorted(Path(folder).iterdir())
@@ -101,6 +105,8 @@ def remove_temp_files(folder: Path, ours: Callable[[str], bool]) -> list[Path]:
     for path in entries:
         target = temp_target(path.name)
         if target is None or not ours(target) or path.is_symlink():
+            continue
+        if min_age_seconds and time.time() - path.lstat().st_mtime < min_age_seconds:
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

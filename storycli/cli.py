@@ -15,6 +15,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .cli_batch import (
+    FailFast,
+    JsonLinesOpt,
+    LogDir,
+    ShardOpt,
+    announce_share,
+    display_shard,
+    finish_batch,
+    report_item,
+    resolve_shard,
+    shard_device_for,
+)
 from .cli_common import (
     Command,
     Device,
@@ -169,11 +181,20 @@ def _print_plan(plan: Any, console: Console) -> None:
     "  storydiff generate stories/two_friends.yaml --model tiny --out /tmp/out\n\n"
     "  storydiff generate stories/lighthouse.yaml --dry-run\n\n"
     "  storydiff generate stories/lighthouse.yaml --seed 7 --overwrite --json\n\n"
+    "  storydiff generate stories/ --log-dir logs        (every story of a folder)\n\n"
+    "  storydiff generate 'episodes/*.yaml' --shard 0/2  (this process: half of them)\n\n"
+    "  torchrun --nproc_per_node 4 --no-python storydiff generate stories/\n\n"
     "  storydiff generate stories/lighthouse.yaml --compile\n\n"
     "  storydiff generate story.yaml --model ./models/my-sdxl.safetensors --dtype float16",
 )
 def generate(
-    story: StoryArg,
+    stories: Annotated[
+        list[str],
+        typer.Argument(
+            help="Story files (YAML), folders of them and globs; run in sorted order.",
+            show_default=False,
+        ),
+    ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output root; frames go to OUT/<story name>/.")
     ] = Path("outputs"),
@@ -201,7 +222,7 @@ def generate(
         typer.Option(
             min=1,
             help="Frames per UNet forward for frames that are not references (default: 4 on a "
-            "GPU, 1 on a CPU). More is faster on a GPU and needs more memory; pixels do not "
+            "GPU, 2 on a CPU). More is faster on a GPU and needs more memory; pixels do not "
             "change beyond float rounding.",
             rich_help_panel="Hardware",
         ),
@@ -233,22 +254,33 @@ def generate(
     dry_run: Annotated[
         bool, Flag("--dry-run", help="Print the plan without loading any model.")
     ] = False,
-    json_out: JsonOpt = False,
+    shard: ShardOpt = None,
+    fail_fast: FailFast = False,
+    log_dir: LogDir = None,
+    json_out: JsonLinesOpt = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
-    """Generate a story's keyframes: one PNG per frame, grid.png and manifest.json.
+    """Generate stories' keyframes: one PNG per frame, grid.png and manifest.json per story.
 
     Frames whose inputs are unchanged since the last run are skipped, so an interrupted or
-    edited story resumes where it stopped.
+    edited story resumes where it stopped. Several stories load the model once; one story
+    failing does not stop the others (exit code 3: some failed). Under torchrun, `accelerate
+    launch` or a SLURM array each process renders its share (one story: its share of the frames).
     """
+    from .batch.inputs import expand_stories
+    from .batch.runner import run_batch
+    from .batch.shard import assign
     from .generate import GenerateOptions, load_plan
 
+    paths = run_guarded(lambda: expand_stories(stories), verbose)
+    this_shard = run_guarded(lambda: resolve_shard(shard), verbose)
+    items, split = assign(paths, this_shard)
     options = GenerateOptions(
         out=out,
         model=str(Path(model).resolve()) if model and model.startswith((".", "~")) else model,
         seed=seed,
-        device=device,
+        device=shard_device_for(device, this_shard),
         dtype=dtype,
         offload=offload,
         vae_slicing=vae_slicing,
@@ -257,45 +289,77 @@ def generate(
         compile=compile_unet,
         frame_batch=frame_batch,
         checkpoint_every=checkpoint_every,
+        split=split,
     )
     configs = Configs()
-    plan = run_guarded(lambda: load_plan(story, options, configs), verbose)
-    if dry_run:
-        if json_out:
-            typer.echo(json.dumps(plan.to_dict(), indent=2, ensure_ascii=False))
-        else:
-            _warn(stderr_console(), story, plan.warnings)
-            _print_plan(plan, Console(highlight=False))
-        return
-
-    configure_logging(verbose, quiet)
-    from .generate import generate_story
-    from .progress import StoryProgress
-
-    show = not (quiet or json_out)
     console = stderr_console()
-    if not quiet:
-        _warn(console, story, plan.warnings)
+    if not dry_run:
+        configure_logging(verbose, quiet)
+    announce_share(console, this_shard, len(paths), len(items), split, quiet)
+    shown = display_shard(this_shard)
+    show = not (quiet or json_out) and shown.leader
+    lines = None if shown.leader or quiet else f"[{shown.label}]"
+    from .model_cache import ModelCache
 
-    def work() -> Any:
-        with StoryProgress(console, enabled=show, warnings=not quiet) as progress:
-            hooks = progress.hooks()
-            return generate_story(story, options, configs, hooks, plan=plan)
+    models = ModelCache()
 
-    result = run_guarded(work, verbose)
+    def work(path: Path) -> dict[str, Any]:
+        plan = load_plan(path, options, configs)
+        if dry_run:
+            if json_out:
+                return plan.to_dict()
+            _warn(console, path, plan.warnings)
+            _print_plan(plan, Console(highlight=False))
+            return {}
+        from .generate import generate_story
+        from .progress import StoryProgress
 
-    if json_out:
-        typer.echo(json.dumps(result.summary(), indent=2, ensure_ascii=False))
-    elif not quiet:
-        made, kept = len(result.generated), len(result.skipped)
-        removed = f"{len(result.removed)} stale removed, " if result.removed else ""
-        console.print(
-            f"[green]done[/] {escape(str(result.folder))}: {made} frame(s) generated, "
-            f"{kept} unchanged, {removed}"
-            f"grid.png and manifest.json written in {result.seconds:.1f} s",
-            highlight=False,
-            soft_wrap=True,
-        )
+        if not quiet:
+            _warn(console, path, plan.warnings)
+        with StoryProgress(console, enabled=show, warnings=not quiet, lines=lines) as progress:
+            result = generate_story(path, options, configs, progress.hooks(), plan, models)
+        if not (quiet or json_out):
+            print_done(console, result, lines)
+        return result.summary()
+
+    results = run_guarded(
+        lambda: run_batch(
+            items,
+            work,
+            on_done=lambda item: report_item(item, json_out, verbose),
+            fail_fast=fail_fast,
+            log_dir=log_dir,
+        ),
+        verbose,
+    )
+    finish_batch(console, results, quiet or json_out, describe_generated)
+
+
+def describe_generated(record: dict[str, Any]) -> str:
+    """A generate record in the summary table."""
+    if "folder" not in record:
+        return "plan printed"
+    made = sum(f["status"] == "generated" for f in record["frames"])
+    kept = sum(f["status"] == "skipped" for f in record["frames"])
+    return f"{made} frame(s) generated, {kept} unchanged"
+
+
+def print_done(console: Console, result: Any, lines: str | None) -> None:
+    made, kept = len(result.generated), len(result.skipped)
+    removed = f"{len(result.removed)} stale removed, " if result.removed else ""
+    if result.others:
+        removed += f"{len(result.others)} for other shards, "
+    prefix = f"{escape(lines)} " if lines else ""
+    if result.finished:
+        tail = f"grid.png and manifest.json written in {result.seconds:.1f} s"
+    else:
+        tail = f"in {result.seconds:.1f} s; the last shard to finish writes grid.png"
+    console.print(
+        f"{prefix}[green]done[/] {escape(str(result.folder))}: {made} frame(s) generated, "
+        f"{kept} unchanged, {removed}{tail}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def main() -> None:

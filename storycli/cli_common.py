@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from .config import ConfigFileError
-from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_RUNTIME, InvalidInput, RuntimeProblem
+from .batch.runner import describe_failure
+from .errors import EXIT_INTERRUPTED, EXIT_INVALID
 from .story import StoryError
 
 
@@ -73,43 +73,36 @@ def fail(message: str, code: int, verbose: bool = False) -> typer.Exit:
 
 
 def story_error(exc: StoryError) -> typer.Exit:
+    return print_failure(exc, verbose=False)
+
+
+def print_failure(exc: BaseException, verbose: bool) -> typer.Exit:
+    """Print a failure as `error:` lines on stderr (the traceback first with -v); the Exit to
+    raise, with the failure's exit code."""
+    code, lines = describe_failure(exc)
+    if verbose:
+        traceback.print_exception(exc)
     console = stderr_console()
-    for line in exc.lines():
+    for line in lines:
         console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
-    return typer.Exit(EXIT_INVALID)
+    return typer.Exit(code)
 
 
-def run_guarded(
-    work: Callable[[], Any],
-    verbose: int,
-    invalid: tuple[type[BaseException], ...] = (),
-    runtime: tuple[type[BaseException], ...] = (),
-) -> Any:
-    """Run a command's `work()`. Expected failures become one line and an exit code: 2 for bad
-    input (`InvalidInput`, config files, story files, and the extra `invalid` classes), 1 for
-    runtime problems (`RuntimeProblem` and `runtime`); anything else is reported as
-    unexpected, exit 1."""
+def interrupted() -> typer.Exit:
+    stderr_console().print("interrupted: finished files are kept; run the same command to resume")
+    return typer.Exit(EXIT_INTERRUPTED)
+
+
+def run_guarded(work: Callable[[], Any], verbose: int) -> Any:
+    """Run a command's `work()`. Expected failures become one line and an exit code (see
+    `batch.runner.describe_failure`: 2 for bad input, 1 for runtime problems and anything
+    unforeseen)."""
     try:
         return work()
-    except StoryError as exc:
-        if verbose:
-            traceback.print_exc()
-        raise story_error(exc) from None
-    except (InvalidInput, ConfigFileError, *invalid) as exc:
-        raise fail(str(exc), EXIT_INVALID, verbose > 0) from None
-    except (RuntimeProblem, *runtime) as exc:
-        raise fail(str(exc), EXIT_RUNTIME, verbose > 0) from None
     except KeyboardInterrupt:
-        stderr_console().print(
-            "interrupted: finished files are kept; run the same command to resume"
-        )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as exc:  # a bug, or an environment problem we did not foresee
-        raise fail(
-            f"{type(exc).__name__}: {exc} (run again with -v for the traceback)",
-            EXIT_RUNTIME,
-            verbose > 0,
-        ) from None
+        raise interrupted() from None
+    except Exception as exc:
+        raise print_failure(exc, verbose > 0) from None
 
 
 def configure_logging(verbose: int, quiet: bool) -> None:

@@ -3,6 +3,7 @@ when cli.py imports this module; as there, heavy imports happen inside the comma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,6 +11,19 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from .batch.runner import run_batch
+from .cli_batch import (
+    FailFast,
+    JsonLinesOpt,
+    LogDir,
+    ShardOpt,
+    announce_share,
+    display_shard,
+    finish_batch,
+    report_item,
+    resolve_shard,
+    shard_device_for,
+)
 from .cli_common import (
     Command,
     Device,
@@ -35,20 +49,28 @@ from .progress import progress_bars
     "  storydiff animate outputs/lighthouse\n\n"
     "  storydiff animate outputs/lighthouse --decoder animatediff --predictor runs/smp\n\n"
     "  storydiff animate my_drawings/ --decoder latent-slerp --frames 24 --fps 12 --hold 0.5\n\n"
-    "  storydiff animate outputs/fox-compare --decoder animatediff --model tiny --frames 8",
+    "  storydiff animate outputs/fox-compare --decoder animatediff --model tiny --frames 8\n\n"
+    "  storydiff animate outputs/            (every generate run folder in outputs/)\n\n"
+    "  storydiff animate 'outputs/ep*' --shard 1/2 --log-dir logs",
 )
 def animate(
     keyframes: Annotated[
-        Path,
+        list[str],
         typer.Argument(
-            help="A `generate` output folder (its manifest gives order and prompts) or any "
-            "folder of images (taken in name order).",
+            help="`generate` output folders (a manifest gives order and prompts) or any "
+            "folders of images (taken in name order); a folder of run folders or a glob "
+            "gives each of them, in sorted order.",
             show_default=False,
         ),
     ],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output folder. Default: KEYFRAMES/video."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder. Default: KEYFRAMES/video. With several keyframe folders: "
+            "a root, each one's videos in OUT/<folder name>.",
+        ),
     ] = None,
     decoder: Annotated[
         str,
@@ -105,7 +127,10 @@ def animate(
         bool,
         Flag("--overwrite", help="Remake every video; allow replacing another folder's videos."),
     ] = False,
-    json_out: JsonOpt = False,
+    shard: ShardOpt = None,
+    fail_fast: FailFast = False,
+    log_dir: LogDir = None,
+    json_out: JsonLinesOpt = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -113,14 +138,25 @@ def animate(
 
     Writes transition_01_02.mp4, ... (H.264, yuv420p), story.mp4 and animate.json into the
     output folder. Transitions whose inputs are unchanged are kept, so reruns are cheap.
+    Several folders load the decoder once, and one failing does not stop the others (exit
+    code 3: some failed); under a launcher each process animates its share of the folders.
     """
     configure_logging(verbose, quiet)
-    from .motion.animate import AnimateHooks, AnimateOptions
-    from .motion.animate import animate as run_animate
+    from .batch.inputs import expand_keyframe_folders
+    from .motion.animate import AnimateOptions
+    from .motion.decoders import DecoderCache
 
-    options = AnimateOptions(
-        keyframes=keyframes,
-        out=out,
+    folders = run_guarded(lambda: expand_keyframe_folders(keyframes), verbose)
+    this_shard = run_guarded(lambda: resolve_shard(shard), verbose)
+    items = this_shard.take(folders)  # a folder's transitions are not shared out
+    console = stderr_console()
+    announce_share(console, this_shard, len(folders), len(items), None, quiet)
+    shown = display_shard(this_shard)
+    show = not (quiet or json_out) and shown.leader
+    decoders = DecoderCache()
+    template = AnimateOptions(
+        keyframes=Path(),
+        out=None,
         decoder=decoder,
         model=model,
         predictor=predictor,
@@ -130,80 +166,102 @@ def animate(
         quality=quality,
         fit=fit,
         seed=seed,
-        device=device,
+        device=shard_device_for(device, this_shard),
         dtype=dtype,
         offload=offload,
         steps=steps,
         guidance=guidance,
         overwrite=overwrite,
     )
-    show = not (quiet or json_out)
-    console = stderr_console()
 
-    def work() -> Any:
-        with progress_bars(console, show, info=True) as progress:
-            tasks: dict[str, Any] = {}
-
-            def on_start(count: int) -> None:
-                tasks["pairs"] = progress.add_task("transitions", total=count, info="")
-
-            def on_transition(description: str) -> None:
-                # The steps bar appears with the first transition made (none on a no-op rerun).
-                if "steps" not in tasks:
-                    tasks["steps"] = progress.add_task("steps", total=None, info="")
-                progress.reset(tasks["steps"], description=escape(description), info="")
-
-            def on_phase(phase: str, done: int, total: int) -> None:
-                # Work on files (encoding an MP4, reading transitions back for story.mp4) on a
-                # line of its own, so the steps bar is not left looking like the whole job.
-                if "files" not in tasks:
-                    tasks["files"] = progress.add_task("", total=total, info="")
-                if done == 0:
-                    progress.reset(tasks["files"], description=escape(phase), total=total, info="")
-                # Every frame is sent, but ffmpeg still flushes and the file is read back.
-                finishing = done == total and phase.startswith("encoding")
-                progress.update(
-                    tasks["files"], completed=done, info="finishing" if finishing else ""
-                )
-
-            def on_written(path: Path) -> None:
-                if path.name.startswith("transition_"):
-                    progress.advance(tasks["pairs"])
-                if "files" in tasks:
-                    progress.update(tasks["files"], info="written")
-
-            def on_note(text: str) -> None:
-                # Notes go to stderr, so they stay on with --json (stdout holds only JSON).
-                if not quiet:
-                    console.print(f"note: {escape(text)}", soft_wrap=True)
-
-            hooks = AnimateHooks(
-                on_note=on_note,
-                on_start=on_start,
-                on_transition=on_transition,
-                on_step=lambda done, total: progress.update(
-                    tasks["steps"], completed=done, total=total
-                ),
-                on_phase=on_phase,
-                on_written=on_written,
-                on_kept=lambda path: progress.advance(tasks["pairs"]),
+    def work(folder: Path) -> dict[str, Any]:
+        where = out / folder.name if out is not None and len(folders) > 1 else out
+        options = dataclasses.replace(template, keyframes=folder, out=where)
+        result = animate_folder(options, console, show, quiet, decoders)
+        if not (quiet or json_out):
+            made = sum(p.name.startswith("transition_") for p in result.generated)
+            kept = len(result.transitions) - made
+            story = "written" if result.story in result.generated else "unchanged"
+            removed = f", {len(result.removed)} stale removed" if result.removed else ""
+            prefix = "" if shown.leader else escape(f"[{shown.label}] ")
+            console.print(
+                f"{prefix}[green]done[/] {escape(str(result.folder))}: {made} transition(s) "
+                f"made, {kept} unchanged{removed}, story.mp4 {story}, animate.json updated in "
+                f"{result.seconds:.1f} s",
+                soft_wrap=True,
             )
-            return run_animate(options, hooks)
+        return result.summary()
 
-    result = run_guarded(work, verbose)
-    if json_out:
-        typer.echo(json.dumps(result.summary(), indent=2, ensure_ascii=False))
-    elif not quiet:
-        made = sum(p.name.startswith("transition_") for p in result.generated)
-        kept = len(result.transitions) - made
-        story = "written" if result.story in result.generated else "unchanged"
-        removed = f", {len(result.removed)} stale removed" if result.removed else ""
-        console.print(
-            f"[green]done[/] {escape(str(result.folder))}: {made} transition(s) made, "
-            f"{kept} unchanged{removed}, story.mp4 {story}, animate.json updated in "
-            f"{result.seconds:.1f} s",
-            soft_wrap=True,
+    results = run_guarded(
+        lambda: run_batch(
+            items,
+            work,
+            on_done=lambda item: report_item(item, json_out, verbose),
+            fail_fast=fail_fast,
+            log_dir=log_dir,
+            log_name=lambda folder: folder.name,
+        ),
+        verbose,
+    )
+    finish_batch(console, results, quiet or json_out, describe_animated)
+
+
+def describe_animated(record: dict[str, Any]) -> str:
+    """An animate record in the summary table."""
+    return f"{len(record.get('transitions', []))} transition(s), story.mp4"
+
+
+def animate_folder(options: Any, console: Any, show: bool, quiet: bool, decoders: Any) -> Any:
+    """One keyframe folder through `motion.animate.animate`, with its progress bars."""
+    from .motion.animate import AnimateHooks
+    from .motion.animate import animate as run_animate
+
+    with progress_bars(console, show, info=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_start(count: int) -> None:
+            tasks["pairs"] = progress.add_task("transitions", total=count, info="")
+
+        def on_transition(description: str) -> None:
+            # The steps bar appears with the first transition made (none on a no-op rerun).
+            if "steps" not in tasks:
+                tasks["steps"] = progress.add_task("steps", total=None, info="")
+            progress.reset(tasks["steps"], description=escape(description), info="")
+
+        def on_phase(phase: str, done: int, total: int) -> None:
+            # Work on files (encoding an MP4, reading transitions back for story.mp4) on a
+            # line of its own, so the steps bar is not left looking like the whole job.
+            if "files" not in tasks:
+                tasks["files"] = progress.add_task("", total=total, info="")
+            if done == 0:
+                progress.reset(tasks["files"], description=escape(phase), total=total, info="")
+            # Every frame is sent, but ffmpeg still flushes and the file is read back.
+            finishing = done == total and phase.startswith("encoding")
+            progress.update(tasks["files"], completed=done, info="finishing" if finishing else "")
+
+        def on_written(path: Path) -> None:
+            if path.name.startswith("transition_"):
+                progress.advance(tasks["pairs"])
+            if "files" in tasks:
+                progress.update(tasks["files"], info="written")
+
+        def on_note(text: str) -> None:
+            # Notes go to stderr, so they stay on with --json (stdout holds only JSON).
+            if not quiet:
+                console.print(f"note: {escape(text)}", soft_wrap=True)
+
+        hooks = AnimateHooks(
+            on_note=on_note,
+            on_start=on_start,
+            on_transition=on_transition,
+            on_step=lambda done, total: progress.update(
+                tasks["steps"], completed=done, total=total
+            ),
+            on_phase=on_phase,
+            on_written=on_written,
+            on_kept=lambda path: progress.advance(tasks["pairs"]),
         )
+        return run_animate(options, hooks, decoders)
 
 
 @app.command(

@@ -2,7 +2,8 @@
 
 `InvalidInput` is something the user can fix in what they typed or pointed at (story, option,
 config, output location): exit 2. `RuntimeProblem` is the machine or its files failing the
-command (weights missing, a video that cannot be written): exit 1. Each module raises its own
+command (weights missing, a video that cannot be written): exit 1. A batch of several stories
+in which some failed exits 3 (2 when every story was invalid). Each module raises its own
 subclass, so the CLI needs one rule for all commands.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_INVALID = 2
+EXIT_SOME_FAILED = 3  # a batch where some stories failed and others did not (or were not run)
 EXIT_INTERRUPTED = 130
 
 

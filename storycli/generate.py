@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .batch.shard import Shard
 from .config import Configs
 from .plan import Plan, build_plan
 from .story import load_story
@@ -29,6 +30,7 @@ class GenerateOptions:
     compile: bool = False  # torch.compile the UNet (slow first steps, faster after)
     frame_batch: int | None = None  # read/plain frames per UNet forward (None: per device)
     checkpoint_every: int | None = None  # steps between loop checkpoints (None: a few minutes)
+    split: Shard = field(default_factory=Shard)  # this process's share of the story's frames
 
 
 @dataclass
@@ -49,11 +51,15 @@ class GenerateResult:
     plan: Plan
     generated: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    others: list[int] = field(default_factory=list)  # a shared story: other shards' frames
     seconds: float = 0.0
     peak_memory_bytes: int | None = None
     model: dict[str, Any] = field(default_factory=dict)
     size: tuple[int, int] = (0, 0)
     removed: list[Path] = field(default_factory=list)  # stale frames of a longer earlier story
+    model_reused: bool = False  # the pipeline was already loaded (a batch of stories)
+    finished: bool = True  # grid and manifest written (a shared story: by the last shard)
+    shard: Shard = field(default_factory=Shard)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -66,15 +72,21 @@ class GenerateResult:
                 {
                     "frame": f.number,
                     "file": str(self.folder / f.file),
-                    "status": "generated" if f.index in self.generated else "skipped",
+                    "status": "generated"
+                    if f.index in self.generated
+                    else "other shard"
+                    if f.index in self.others
+                    else "skipped",
                 }
                 for f in self.plan.frames
             ],
             "removed": [str(p) for p in self.removed],
-            "grid": str(self.folder / "grid.png"),
+            "grid": str(self.folder / "grid.png") if self.finished else None,
             "manifest": str(self.folder / "manifest.json"),
             "seconds": round(self.seconds, 3),
             "peak_memory_bytes": self.peak_memory_bytes,
+            "model_reused": self.model_reused,
+            "shard": {"index": self.shard.index, "count": self.shard.count},
         }
 
 
@@ -115,9 +127,14 @@ def generate_story(
     configs: Configs | None = None,
     hooks: Hooks | None = None,
     plan: Plan | None = None,
+    models: Any = None,
 ) -> GenerateResult:
     """Generate (or resume) a story's keyframes. Raises StoryError, ModelUnavailable,
-    OutputConflict for the user's mistakes. `plan`: the story's plan, if already loaded."""
+    OutputConflict for the user's mistakes. `plan`: the story's plan, if already loaded;
+    `models`: a `ModelCache` that keeps the pipeline for the next story of a batch.
+
+    With `options.split` of several shards this process makes only its share of the frames
+    (`batch.split`); the shard that finds every frame written writes the grid and manifest."""
     started = time.perf_counter()
     configs = configs or Configs()
     hooks = hooks or Hooks()
@@ -126,9 +143,11 @@ def generate_story(
     import torch
 
     from .atomic import remove_temp_files
+    from .batch.split import frames_of_shard
     from .checkpoints import CHECKPOINT_NAME, LoopCheckpoint
     from .keyframes import calls_needed, default_frame_batch, generate_keyframes, render_size
-    from .models import load_pipeline, set_scheduler
+    from .model_cache import ModelCache
+    from .models import set_scheduler
     from .paths import check_writable_folder
     from .render import uncovered_characters
     from .runs import FRAME_FILE, GRID, MANIFEST, StoryRun, peak_memory
@@ -140,7 +159,9 @@ def generate_story(
     check_writable_folder(folder, "--out")
     StoryRun(folder, story_path, plan, {}, options.overwrite).check_owner()
 
-    loaded = load_pipeline(
+    split = options.split
+    models = models or ModelCache()
+    loaded, reused = models.load(
         story.model,
         configs,
         base_dir=story_path.parent,
@@ -159,7 +180,18 @@ def generate_story(
     model_info = loaded.describe() | {"render_size": [size.width, size.height]}
     run = StoryRun(folder, story_path, plan, model_info, options.overwrite)
     todo = run.pending()
-    result = GenerateResult(folder, plan, model=model_info, size=(size.width, size.height))
+    frame_batch = options.frame_batch or default_frame_batch(loaded.pipe._execution_device)
+    owned = frames_of_shard(plan, frame_batch, split) if split.active else None
+    if owned is not None:
+        todo = [i for i in todo if i in owned]
+    result = GenerateResult(
+        folder,
+        plan,
+        model=model_info,
+        size=(size.width, size.height),
+        model_reused=reused,
+        shard=split,
+    )
     if loaded.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
@@ -172,17 +204,27 @@ def generate_story(
         "transformers": transformers.__version__,
     }
     # Before the manifest is rewritten: it is what proves those files are ours.
-    result.removed = run.remove_stale_frames()
-    # What a killed run's atomic writes left: temp files of this folder's own names only.
-    ours = {f.file for f in plan.frames} | {GRID, MANIFEST, CHECKPOINT_NAME}
-    remove_temp_files(folder, lambda name: name in ours or FRAME_FILE.fullmatch(name) is not None)
+    if split.leader:
+        result.removed = run.remove_stale_frames()
+    # What a killed run's atomic writes left: temp files of this folder's own names only (of
+    # a shared story: old ones only, the other shards may be writing theirs now).
+    checkpoint_name = (
+        CHECKPOINT_NAME
+        if not split.active
+        else (CHECKPOINT_NAME.replace(".pt", f"-{split.index}of{split.count}.pt"))
+    )
+    ours = {f.file for f in plan.frames} | {GRID, MANIFEST, checkpoint_name}
+    remove_temp_files(
+        folder,
+        lambda name: name in ours or FRAME_FILE.fullmatch(name) is not None,
+        min_age_seconds=600.0 if split.active else 0.0,
+    )
     loop: dict[str, Any] = {}  # what the story loop reports, when it runs
     if todo:
         run.write_manifest((size.width, size.height), versions, {}, complete=False)
         set_scheduler(loaded.pipe, story.scheduler)
         if hooks.on_start:
             hooks.on_start(len(todo), story.steps)
-        frame_batch = options.frame_batch or default_frame_batch(loaded.pipe._execution_device)
         # Keyed by what makes the loop's numbers: its frames' inputs (in loop order), how they
         # are batched, and where they run.
         rows = [i for call in calls_needed(plan, todo) for i in call.frames]
@@ -193,7 +235,7 @@ def generate_story(
             "compiled": options.compile,
         }
         checkpoint = LoopCheckpoint(
-            folder / CHECKPOINT_NAME,
+            folder / checkpoint_name,
             hashlib.sha256(json.dumps(checkpoint_key).encode()).hexdigest()[:16],
             every_steps=options.checkpoint_every,
         )
@@ -218,7 +260,17 @@ def generate_story(
         checkpoint.remove()  # its frames are written
     memory, memory_kind = peak_memory(loaded.device)
     result.generated = sorted(run.generated)
-    result.skipped = [f.index for f in plan.frames if f.index not in run.generated]
+    result.others = [f.index for f in plan.frames if owned is not None and f.index not in owned]
+    result.skipped = [
+        f.index
+        for f in plan.frames
+        if f.index not in run.generated and f.index not in result.others
+    ]
+    result.seconds = time.perf_counter() - started
+    result.peak_memory_bytes = memory
+    if split.active and StoryRun(folder, story_path, plan, model_info).pending():
+        result.finished = False  # other shards' frames are still to come: the last one finishes
+        return result
     run.write_grid()
     missing = uncovered_characters(f.caption for f in plan.frames)
     if missing and hooks.on_warning:
@@ -226,8 +278,6 @@ def generate_story(
             f"grid.png: no font on this machine draws {' '.join(missing)} (shown as boxes); "
             "install a font that covers them (e.g. fonts-noto-cjk for Chinese, Japanese, Korean)"
         )
-    result.seconds = time.perf_counter() - started
-    result.peak_memory_bytes = memory
     run.write_manifest(
         (size.width, size.height),
         versions,
@@ -237,6 +287,7 @@ def generate_story(
             "peak_memory_kind": memory_kind,
             "compiled": options.compile,
             "story_loop": loop,
+            "shard": {"index": split.index, "count": split.count} if split.active else None,
         },
     )
     return result

@@ -122,9 +122,11 @@ class Chunk:
 
 
 def default_frame_batch(device: torch.device) -> int:
-    """Frames per UNet forward for read and plain frames: 4 on a GPU (fills it better), 1 on a
-    CPU (no gain from batching there, and the smallest activation peak)."""
-    return 4 if device.type in ("cuda", "mps") else 1
+    """Frames per UNet forward for read and plain frames: 4 on a GPU (fills it better), 2 on a
+    CPU: the fastest CSA story per image measured there (`benchmarks/results/cpu-2026-12-02.md`),
+    and a read forward of 2 frames is no larger than the write forward of 2 or more references,
+    so the peak does not rise."""
+    return 4 if device.type in ("cuda", "mps") else 2
 
 
 def story_chunks(plan: Plan, calls: Iterable[GenerationCall], frame_batch: int) -> list[Chunk]:

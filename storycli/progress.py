@@ -61,9 +61,19 @@ def progress_bars(console: Console, enabled: bool, info: bool = False) -> Progre
 
 
 class StoryProgress:
-    def __init__(self, console: Console, enabled: bool = True, warnings: bool = True) -> None:
+    """`generate`'s display: bars, or with `lines` (a shard that is not the leader: several
+    processes share one terminal or log) one plain line per event, prefixed with `lines`."""
+
+    def __init__(
+        self,
+        console: Console,
+        enabled: bool = True,
+        warnings: bool = True,
+        lines: str | None = None,
+    ) -> None:
         self.console = console
-        self.enabled = enabled
+        self.lines = lines
+        self.enabled = enabled and lines is None
         self.warnings = warnings  # shown even when progress is off (--json): they go to stderr
         self.progress = progress_bars(console, enabled)
         self.frames_task: Any = None
@@ -84,6 +94,8 @@ class StoryProgress:
     def _note(self, text: str) -> None:
         if self.enabled:
             self.console.print(text, highlight=False)
+        elif self.lines is not None:
+            self.console.print(f"{escape(self.lines)} {text}", highlight=False, soft_wrap=True)
 
     def _on_model(self, loaded: Any) -> None:
         if loaded.tiny:
@@ -97,6 +109,8 @@ class StoryProgress:
         # Frames finish together at the end of the story loop: no time-left of their own.
         self.frames_task = self.progress.add_task("frames", total=frames, eta=False)
         self.steps_task = self.progress.add_task("steps", total=steps)
+        if self.lines is not None:
+            self._note(f"{frames} frame(s) to make, {steps} steps")
 
     def _on_call(self, description: str) -> None:
         self.progress.update(self.steps_task, description=f"steps: {escape(description)}")
@@ -106,6 +120,8 @@ class StoryProgress:
 
     def _on_frame(self, index: int, path: Path) -> None:
         self.progress.advance(self.frames_task)
+        if self.lines is not None:
+            self._note(f"{escape(str(path))} written")
 
     def _on_warning(self, text: str) -> None:
         if self.warnings:

@@ -186,7 +186,7 @@ def test_quick_story_loop_memory_benchmark(tmp_path):
         assert r["peak_bytes"] >= r["baseline_bytes"] > 0
         assert r["peak_resettable"]
         assert len(r["steps_trace"]) == r["steps"]
-        assert r["story_loop"]["frame_batch"] == 1  # the CPU default
+        assert r["story_loop"]["frame_batch"] == 2  # the CPU default
         # One write (or plain) call of the 2 references, then one call per other frame.
         assert r["calls"][0] == ["write" if r["method"] != "none" else "plain", [0, 1]]
         bank = r["story_loop"]["peak_bank_bytes"]

@@ -756,7 +756,11 @@ def test_generate_dry_run_bad_story_exits_2(tmp_path: Path) -> None:
     bad = write(tmp_path, GOOD + "style: cmic\n", name="bad.yaml")
     result = run_cli("generate", bad, "--dry-run", "--json", "--out", tmp_path / "out")
     assert result.exit_code == EXIT_INVALID
-    assert result.stdout == ""
+    # --json: one JSON line for the story, its failure included; the message on stderr too.
+    [record] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["status"] == "invalid" and record["exit_code"] == EXIT_INVALID
+    assert record["input"] == str(bad)
+    assert any("unknown style 'cmic'" in e for e in record["errors"])
     assert "unknown style 'cmic'" in result.stderr
     assert not (tmp_path / "out").exists()
 

@@ -140,12 +140,20 @@ def _listed_frames(folder: Path) -> list[dict[str, Any]] | None:
     if not path.is_file():
         return None
     try:
-        frames = json.loads(path.read_text(encoding="utf-8"))["frames"]
-        return [f for f in frames if isinstance(f, dict) and isinstance(f.get("file"), str)]
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        frames = manifest["frames"]
+        listed = [f for f in frames if isinstance(f, dict) and isinstance(f.get("file"), str)]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AnimateError(
             f"{path}: not a storydiff manifest ({exc}); delete it to animate the images by name"
         ) from exc
+    if manifest.get("complete") is False:
+        # Still being generated (or a shard of it is), or generation stopped part way.
+        raise AnimateError(
+            f"{path}: `storydiff generate` has not finished this story (complete: false); "
+            "run generate again, then animate"
+        )
+    return listed
 
 
 def _fit(image: Image.Image, size: tuple[int, int], fit: str) -> tuple[Image.Image, str]:
@@ -408,10 +416,13 @@ def _story_frames(
     return frames
 
 
-def animate(options: AnimateOptions, hooks: AnimateHooks | None = None) -> AnimateResult:
+def animate(
+    options: AnimateOptions, hooks: AnimateHooks | None = None, decoders: Any = None
+) -> AnimateResult:
     """Make (or resume) the transition videos of a keyframes folder. Raises AnimateError for
-    bad input, ModelUnavailable when a decoder's weights are missing."""
-    from .decoders import load_decoder
+    bad input, ModelUnavailable when a decoder's weights are missing. `decoders`: a
+    `DecoderCache` that keeps the decoder for the next folder of a batch."""
+    from .decoders import DecoderCache
     from .decoders.base import TransitionRequest
     from .predictor import weights_path
     from .video import write_mp4
@@ -444,7 +455,8 @@ def animate(options: AnimateOptions, hooks: AnimateHooks | None = None) -> Anima
     loaded_predictor = _load_predictor(options)
 
     # Nothing is written before the decoder is loaded and every input checked.
-    decoder = load_decoder(
+    decoders = decoders or DecoderCache()
+    decoder = decoders.load(
         options.decoder,
         options.model,
         device=options.device,

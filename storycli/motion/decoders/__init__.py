@@ -5,7 +5,14 @@ from __future__ import annotations
 from .. import DECODERS
 from .base import StepCallback, TransitionDecoder, TransitionRequest
 
-__all__ = ["DECODERS", "StepCallback", "TransitionDecoder", "TransitionRequest", "load_decoder"]
+__all__ = [
+    "DECODERS",
+    "DecoderCache",
+    "StepCallback",
+    "TransitionDecoder",
+    "TransitionRequest",
+    "load_decoder",
+]
 
 
 def load_decoder(
@@ -38,3 +45,22 @@ def load_decoder(
             guidance=guidance,
         )
     raise ValueError(f"unknown decoder {name!r}; choose one of {', '.join(DECODERS)}")
+
+
+class DecoderCache:
+    """The decoder of the last keyframe folder, kept for the next one with the same decoder,
+    weights, device and settings: a batch of folders loads the video model once."""
+
+    def __init__(self) -> None:
+        self.loads = 0
+        self._key: tuple[object, ...] | None = None
+        self._decoder: TransitionDecoder | None = None
+
+    def load(self, name: str, model: str | None = None, **options: object) -> TransitionDecoder:
+        key = (name, model, *sorted(options.items()))
+        if key != self._key or self._decoder is None:
+            self._decoder = None  # free the old one before loading the next
+            self._decoder = load_decoder(name, model, **options)  # type: ignore[arg-type]
+            self._key = key
+            self.loads += 1
+        return self._decoder
