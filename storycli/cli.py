@@ -93,23 +93,25 @@ def _warn(console: Console, path: Path, warnings: Any) -> None:
 @app.command(
     cls=Command,
     epilog="[bold]Examples[/]\n\n  storydiff validate stories/lighthouse.yaml\n\n"
-    "  storydiff validate stories/*.yaml --json",
+    "  storydiff validate stories/ --json",
 )
 def validate(
     stories: Annotated[
-        list[Path], typer.Argument(help="One or more story files.", show_default=False)
+        list[str],
+        typer.Argument(help="Story files, folders of them and globs.", show_default=False),
     ],
     json_out: JsonOpt = False,
 ) -> None:
     """Check story files without loading any model. Exit code 2 if any is invalid; warnings
     (e.g. a prompt over the text encoder's 77 tokens) do not change the exit code."""
+    from .batch.inputs import expand_stories
     from .plan import build_plan
     from .story import load_story
 
     configs = Configs()
     console = stderr_console()
     results, failed = [], False
-    for path in stories:
+    for path in run_guarded(lambda: expand_stories(stories), 0):
         try:
             plan = build_plan(load_story(path, configs), configs)
         except StoryError as exc:

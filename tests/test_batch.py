@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
+from test_generate import run_cli
 
 import storycli.models
 import storycli.motion.decoders
@@ -28,7 +28,6 @@ from storycli.batch.inputs import InputError, expand_keyframe_folders, expand_st
 from storycli.batch.runner import BatchItem, batch_exit_code
 from storycli.batch.shard import Shard, ShardError, assign, parse_shard, shard_from_env
 from storycli.batch.split import frames_of_shard
-from storycli.cli import app
 from storycli.config import Configs
 from storycli.errors import EXIT_INVALID, EXIT_OK, EXIT_RUNTIME, EXIT_SOME_FAILED
 from storycli.keyframes import story_chunks
@@ -64,15 +63,6 @@ def write(folder: Path, file: str, data: dict[str, Any]) -> Path:
     path = folder / file
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
-
-
-def run_cli(*args: str | Path, code: int = 0) -> Any:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (
-        f"exit {result.exit_code}, expected {code}\nstdout:\n{result.stdout}\n"
-        f"stderr:\n{result.stderr}\nexception: {result.exception!r}"
-    )
-    return result
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

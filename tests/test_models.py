@@ -703,7 +703,12 @@ def test_cli_uncached_stage_two_weights_one_line_fast(
         assert len(lines) == 1, (hub, proc.stderr)
         assert lines[0].startswith("error: ") and repo in lines[0], lines[0]
         assert f"`hf download {repo}" in lines[0]
-        assert proc.stdout == ""
+        if json_out:  # one JSON line for the failed folder, its error included
+            [record] = [json.loads(line) for line in proc.stdout.splitlines()]
+            assert record["status"] == "failed" and record["exit_code"] == 1
+            assert lines[0].removeprefix("error: ") in record["errors"]
+        else:
+            assert proc.stdout == ""
     # Unreachable costs no more than offline (huggingface_hub's retries alone take ~25 s).
     assert runs["unreachable"][1] < runs["offline"][1] + 10, {h: r[1] for h, r in runs.items()}
 
