@@ -270,8 +270,7 @@ def time_pairs(
     forward by kind and side, and the largest bank of one step."""
     import torch
 
-    from storycli.consistency import CSAState, csa_layers, installed_csa
-    from storycli.consistency.csa import windowed_unet
+    from storycli.consistency.csa import CSAState, csa_layers, installed_csa, windowed_unet
 
     r, rounds = spec["id_length"], spec["warmup"] + spec["repeats"]
     state = CSAState(csa_settings(mode), csa_layers(unet, ["up"]))

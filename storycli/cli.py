@@ -151,11 +151,12 @@ def validate(
 
 def _print_plan(plan: Any, console: Console) -> None:
     story = plan.story
+    methods = " + ".join(story.consistency.methods) or "none"
     console.print(
         f"[bold]{escape(story.name)}[/]: {len(plan.frames)} frames, {story.width}×{story.height}, "
         f"{story.steps} steps, guidance {story.guidance}, {story.scheduler}, "
         f"model {escape(story.model)}, "
-        f"seed {story.seed} (noise {story.noise}), consistency {story.consistency.method}",
+        f"seed {story.seed} (noise {story.noise}), consistency {methods}",
         highlight=False,
     )
     order = " → ".join(f"{c.phase}({', '.join(str(i + 1) for i in c.frames)})" for c in plan.calls)

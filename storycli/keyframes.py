@@ -13,8 +13,16 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from PIL import Image
 
 from .checkpoints import LoopCheckpoint
-from .consistency import CSAState, csa_layers, installed_csa
-from .consistency.csa import BankSettings, CSASettings, compiled_unet, windowed_unet
+from .consistency.csa import (
+    BankSettings,
+    CSASettings,
+    CSAState,
+    compiled_unet,
+    csa_layers,
+    installed_csa,
+    windowed_unet,
+)
+from .consistency.one_prompt import one_prompt_conditioning
 from .plan import GenerationCall, Plan, PlannedFrame
 
 StepCallback = Callable[[int, int], None]  # (steps done in this call, total steps)
@@ -197,7 +205,8 @@ def generate_keyframes(
     # composition moves float results, so a frame's embeddings depend only on its own chunk and
     # a frame made again (its chunk alone) is bit-identical.
     inputs = [
-        text_conditioning(pipe, [frames[r] for r in chunk.rows], size, cfg) for chunk in chunks
+        text_conditioning(pipe, plan, [frames[r] for r in chunk.rows], size, cfg)
+        for chunk in chunks
     ]
     dtype = inputs[0][0].dtype
 
@@ -217,7 +226,7 @@ def generate_keyframes(
     state: CSAState | None = None
     guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     streams: dict[int, list[Any]] = {}
-    if story.uses_consistency:
+    if story.uses_csa:
         state = CSAState(
             csa_settings(plan),
             csa_layers(unet, story.consistency.blocks),
@@ -270,7 +279,7 @@ def generate_keyframes(
                 rows = list(chunk.rows)
                 x = torch.cat([latents[rows]] * 2) if cfg else latents[rows]
                 x = scheduler.scale_model_input(x, t)
-                text, added = inputs[n]
+                text, added, text_mask = inputs[n]
                 window: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
                 if state is not None:
                     state.enter(streams[n])
@@ -282,6 +291,7 @@ def generate_keyframes(
                         x,
                         t,
                         encoder_hidden_states=text,
+                        encoder_attention_mask=text_mask,
                         added_cond_kwargs=added,
                         return_dict=False,
                     )[0]
@@ -324,11 +334,13 @@ def generate_keyframes(
 
 
 def text_conditioning(
-    pipe: Any, frames: list[PlannedFrame], size: RenderSize, cfg: bool
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    pipe: Any, plan: Plan, frames: list[PlannedFrame], size: RenderSize, cfg: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """The UNet's text inputs for a batch of frames, as the SDXL pipeline builds them: prompt
-    embeddings and `added_cond_kwargs` (pooled embeddings, size ids), unconditional rows first
-    under CFG. All-empty negatives become SDXL's zeroed negative embeddings, as in diffusers."""
+    embeddings, `added_cond_kwargs` (pooled embeddings, size ids), unconditional rows first
+    under CFG, and the text's attention mask (None: all of it). All-empty negatives become
+    SDXL's zeroed negative embeddings, as in diffusers. With 1Prompt1Story the frames'
+    embeddings are reweighted and carry the identity tokens (`consistency.one_prompt`)."""
     negative = [f.negative for f in frames] if any(f.negative for f in frames) else None
     text, negative_text, pooled, negative_pooled = pipe.encode_prompt(
         prompt=[f.prompt for f in frames],
@@ -353,7 +365,12 @@ def text_conditioning(
         text = torch.cat([negative_text, text])
         pooled = torch.cat([negative_pooled, pooled])
     ids = time_ids.to(text.device).repeat(text.shape[0], 1)
-    return text, {"text_embeds": pooled, "time_ids": ids}
+    mask = None
+    if plan.story.uses_one_prompt:
+        consolidated = [plan.consolidated.get(f.index) for f in frames]
+        settings = plan.story.consistency.one_prompt
+        text, mask = one_prompt_conditioning(pipe, consolidated, text, cfg, settings)
+    return text, {"text_embeds": pooled, "time_ids": ids}, mask
 
 
 def initial_noise(

@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from .config import Configs
+from .consistency.consolidate import Consolidated, consolidated_frames
 from .seeds import derive_seed
 from .story import (
     NO_CHARACTER_TAG,
@@ -116,6 +118,9 @@ class Plan:
     # Not part of any frame key: a warning changes no pixels (a trimmed prompt does, and is
     # in its frame's `prompt`).
     warnings: tuple[PlanWarning, ...] = ()
+    # 1Prompt1Story: each character frame's consolidated prompt and its pieces (its `prompt`
+    # is that prompt, so frame keys already cover it).
+    consolidated: Mapping[int, Consolidated] = field(default_factory=dict)
 
     def dependencies(self, index: int) -> tuple[int, ...]:
         """Frames whose inputs shape this frame's pixels: its call's batch, the references it
@@ -132,20 +137,16 @@ class Plan:
         """A hash of everything that determines a frame's pixels; equal keys, equal frames."""
         story = self.story
         deps = self.dependencies(index)
+        settings = story.model_dump(
+            include={"width", "height", "steps", "guidance", "scheduler", "noise", "freeu"}
+        )
+        # 1Prompt1Story's settings only where it runs: stories without it keep their keys.
+        consistency = story.consistency.model_dump(
+            exclude=None if story.uses_one_prompt else {"one_prompt"}
+        )
         payload = {
             "model": model,
-            "settings": story.model_dump(
-                include={
-                    "width",
-                    "height",
-                    "steps",
-                    "guidance",
-                    "scheduler",
-                    "noise",
-                    "freeu",
-                    "consistency",
-                }
-            ),
+            "settings": settings | {"consistency": consistency},
             "cast": story.cast,
             "frame": index,
             "dependencies": [asdict(self.frames[d]) | {"caption": None} for d in deps],
@@ -171,6 +172,9 @@ class Plan:
                 for c in self.calls
             ],
             "frames": [f.describe() for f in self.frames],
+            "consolidated": {
+                str(i + 1): [j + 1 for j in c.frames] for i, c in self.consolidated.items()
+            },
             "warnings": [{"field": w.field, "message": w.message} for w in self.warnings],
         }
 
@@ -191,7 +195,7 @@ def _over_budget(fitted: Fitted, characters: tuple[str, ...], style: str | None)
 
 def _window_frames(story: Story) -> list[tuple[int, tuple[str, ...]]]:
     """Window mode: the frames (with their characters) its one windowed call denoises."""
-    if not (story.uses_consistency and story.consistency.mode == "window"):
+    if not (story.uses_csa and story.consistency.mode == "window"):
         return []
     shown = [(i, frame_characters(story, f.prompt)) for i, f in enumerate(story.frames)]
     return [(i, characters) for i, characters in shown if characters]
@@ -232,11 +236,11 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         for name, indexes in single_character_frames(story).items()
         if indexes
     }
-    windowed = story.uses_consistency and story.consistency.mode == "window"
+    windowed = story.uses_csa and story.consistency.mode == "window"
     if windowed:
         # Window mode: every frame with a character is denoised in one windowed call.
         groups = {}
-    references = groups if story.uses_consistency else {}
+    references = groups if story.uses_csa else {}
     grouped = {i for idx in groups.values() for i in idx}
     reference_of = {i: name for name, idx in references.items() for i in idx}
 
@@ -251,6 +255,13 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         )
 
     noise = noise_draws(story, [*groups.values(), tuple(i for i, _ in _window_frames(story))])
+    consolidated = (
+        consolidated_frames(
+            story, style.prompt if style else "{prompt}", story.consistency.one_prompt.max_frames
+        )
+        if story.uses_one_prompt
+        else {}
+    )
     frames = []
     for i, spec in enumerate(story.frames):
         characters = frame_characters(story, spec.prompt)
@@ -260,17 +271,30 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         # so they encode (and render) exactly as in diffusers and the reference code, which
         # chunked long-prompt encoding (compel / sd_embed style) would not; chunking can come
         # with the project's own pipeline loop later.
-        fitted = fit_prompt(expand_prompt(story, spec.prompt), style.apply if style else str)
-        if fitted.dropped is not None:
-            warnings.append(
-                PlanWarning(("frames", i), _over_budget(fitted, characters, story.style))
-            )
-        prompt = fitted.prompt
+        if i in consolidated:
+            # Its window is as long as fits: only an identity and frame too long on their own
+            # go over, and the encoder cuts their end.
+            prompt = consolidated[i].prompt
+            if (cut := encoder_cut(prompt)) is not None:
+                warnings.append(
+                    PlanWarning(
+                        ("frames", i),
+                        f"identity and frame are {count_tokens(prompt)} tokens together, over "
+                        f'the text encoder\'s {MAX_LENGTH}: "{cut}" is dropped; shorten them',
+                    )
+                )
+        else:
+            fitted = fit_prompt(expand_prompt(story, spec.prompt), style.apply if style else str)
+            if fitted.dropped is not None:
+                warnings.append(
+                    PlanWarning(("frames", i), _over_budget(fitted, characters, story.style))
+                )
+            prompt = fitted.prompt
         if windowed and characters:
             role: Role = "window"
         elif i in reference_of:
             role = "reference"
-        elif story.uses_consistency and characters:
+        elif story.uses_csa and characters:
             role = "read"
         else:
             role = "plain"
@@ -292,7 +316,7 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
 
     calls = [
         GenerationCall(
-            "write" if story.uses_consistency else "plain",
+            "write" if story.uses_csa else "plain",
             idx,
             name,
             derive_seed(story.seed, "write", name),
@@ -307,4 +331,4 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         for f in frames
         if f.index not in grouped and f.role != "window"
     ]
-    return Plan(story, tuple(frames), references, tuple(calls), tuple(warnings))
+    return Plan(story, tuple(frames), references, tuple(calls), tuple(warnings), consolidated)

@@ -152,7 +152,7 @@ class StoryRun:
                 "Seed": frame.seed,
                 "Size": f"{image.width}x{image.height}",
                 "Model": self.model.get("id"),
-                "Consistency": story.consistency.method,
+                "Consistency": " + ".join(story.consistency.methods) or "none",
                 "Version": f"storydiff {__version__}",
             },
         )

@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     field_validator,
 )
@@ -101,10 +102,51 @@ class Bank(_Strict):
     max_step: int | None = Field(ge=1)
 
 
-class Consistency(_Strict):
-    """Consistent Self-Attention settings (see README, "Story format")."""
+METHODS = ("storydiffusion", "one-prompt", "none")
 
-    method: Literal["storydiffusion", "none"]
+
+def _check_methods(value: Any) -> str | list[str]:
+    """A method or a list of methods (one message for any mistake, not one per union arm)."""
+    choices = "'storydiffusion', 'one-prompt' or 'none'"
+    values = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise ValueError("name at least one method, or `none`")
+    for item in values:
+        if item not in METHODS:
+            raise ValueError(f"must be {choices}, or a list of them (got {item!r})")
+    if len(set(values)) != len(values):
+        raise ValueError("list each method at most once")
+    if "none" in values and len(values) > 1:
+        raise ValueError("`none` cannot be combined with other methods")
+    return value
+
+
+class Reweight(_Strict):
+    """One Singular-Value Reweighting: every singular value σ of a token set becomes
+    β·exp(−α·σ)·σ (α < 0 enhances, α > 0 suppresses), the official code's single form."""
+
+    alpha: float
+    beta: float = Field(ge=0.0)
+
+
+class OnePrompt(_Strict):
+    """1Prompt1Story settings (see README, "Story format")."""
+
+    reweight: Literal["svr", "svr-eot", "naive"]
+    enhance: Reweight
+    suppress: Reweight
+    eot_scale: float = Field(gt=0.0, le=1.0)  # svr-eot: EOT rows scaled on every SVR call
+    naive_enhance: float = Field(ge=0.0)  # naive: the expressed frame's rows times this
+    naive_suppress: float = Field(ge=0.0)  # naive: every other frame's rows times this
+    ipca: bool  # identity-preserving cross-attention
+    max_frames: int = Field(ge=1)  # frames per consolidated prompt (the code's window of 10)
+
+
+class Consistency(_Strict):
+    """Consistency settings: the method(s), Consistent Self-Attention's and 1Prompt1Story's
+    (see README, "Story format")."""
+
+    method: Annotated[str | list[str], PlainValidator(_check_methods)]
     sa32: Rate
     sa64: Rate
     id_length: int = Field(ge=1)
@@ -119,6 +161,12 @@ class Consistency(_Strict):
     mode: Literal["reference", "window"]
     window: int = Field(ge=2)
     stride: int = Field(ge=1)
+    one_prompt: OnePrompt
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        methods = self.method if isinstance(self.method, list) else [self.method]
+        return tuple(m for m in methods if m != "none")
 
     @field_validator("blocks")
     @classmethod
@@ -213,8 +261,14 @@ class Story(_Strict):
         return dict(self.characters or {})
 
     @property
-    def uses_consistency(self) -> bool:
-        return self.consistency.method != "none"
+    def uses_csa(self) -> bool:
+        """StoryDiffusion's Consistent Self-Attention (references, bank, read frames)."""
+        return "storydiffusion" in self.consistency.methods
+
+    @property
+    def uses_one_prompt(self) -> bool:
+        """1Prompt1Story: consolidated prompts, reweighted embeddings, identity attention."""
+        return "one-prompt" in self.consistency.methods
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +552,7 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
                 f"unknown scheduler '{story.scheduler}'; choose one of: {', '.join(SCHEDULERS)}",
             )
         )
-    elif spec.unet_calls_per_step > 1 and story.uses_consistency:
+    elif spec.unet_calls_per_step > 1 and story.uses_csa:
         problems.append(
             (
                 ("scheduler",),
@@ -543,7 +597,7 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
         problems.append(
             (("consistency", "stride"), "must not exceed consistency.window (frames would skip)")
         )
-    if story.uses_consistency and story.consistency.mode == "reference" and not problems:
+    if story.uses_csa and story.consistency.mode == "reference" and not problems:
         singles = single_character_frames(story)
         shown = {name for frame in story.frames for name in frame_characters(story, frame.prompt)}
         need = story.consistency.id_length

@@ -11,8 +11,13 @@ from typing import Any
 
 import torch
 
-from storycli.consistency import CSAState, csa_layers, installed_csa
-from storycli.consistency.csa import compiled_unet, windowed_unet
+from storycli.consistency.csa import (
+    CSAState,
+    compiled_unet,
+    csa_layers,
+    installed_csa,
+    windowed_unet,
+)
 from storycli.keyframes import (
     FrameCallback,
     RenderSize,
@@ -45,7 +50,7 @@ def generate_keyframes_per_call(
     story = plan.story
     state: CSAState | None = None
     guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if story.uses_consistency:
+    if story.uses_csa:
         state = CSAState(
             csa_settings(plan),
             csa_layers(pipe.unet, story.consistency.blocks),

@@ -8,8 +8,14 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from per_call_schedule import generate_keyframes_per_call
 
-from storycli.consistency import ConsistentSelfAttnProcessor, CSAState, csa_layers, installed_csa
-from storycli.consistency.csa import BankSettings, CSASettings
+from storycli.consistency.csa import (
+    BankSettings,
+    ConsistentSelfAttnProcessor,
+    CSASettings,
+    CSAState,
+    csa_layers,
+    installed_csa,
+)
 from storycli.keyframes import generate_keyframes, render_size, story_chunks
 from storycli.models import set_scheduler
 from storycli.plan import build_plan
