@@ -247,6 +247,15 @@ def generate(
             rich_help_panel="Hardware",
         ),
     ] = False,
+    save_characters: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-characters",
+            help="Write each character's reference bank to DIR/<name>/ as it is made, for "
+            "other stories to reuse (`characters: {Name: {bank: DIR/Name}}`).",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[
         bool,
         Flag(
@@ -293,6 +302,7 @@ def generate(
         frame_batch=frame_batch,
         checkpoint_every=checkpoint_every,
         split=split,
+        save_characters=save_characters,
     )
     configs = Configs()
     console = stderr_console()

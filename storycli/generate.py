@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .batch.shard import Shard
 from .config import Configs
+from .errors import InvalidInput
 from .plan import Plan, build_plan
 from .story import load_story
 
@@ -31,6 +33,7 @@ class GenerateOptions:
     frame_batch: int | None = None  # read/plain frames per UNet forward (None: per device)
     checkpoint_every: int | None = None  # steps between loop checkpoints (None: a few minutes)
     split: Shard = field(default_factory=Shard)  # this process's share of the story's frames
+    save_characters: Path | None = None  # write each character's bank here (saved characters)
 
 
 @dataclass
@@ -121,6 +124,61 @@ def model_warnings(plan: Plan, pipe: Any) -> list[str]:
     return out
 
 
+class BankMismatch(InvalidInput):
+    """A saved character made under other settings than the story's."""
+
+
+def character_record(plan: Plan, name: str, model_id: str, size: tuple[int, int]) -> dict:
+    """What shapes a character's bank (and what made it), as a saved character records it."""
+    story = plan.story
+    c = story.consistency
+    return {
+        "character": name,
+        "description": story.cast.get(name),
+        "model": model_id,
+        "size": list(size),
+        "steps": story.steps,
+        "scheduler": story.scheduler,
+        "cfg": story.guidance > 1,
+        "sa32": c.sa32,
+        "sa64": c.sa64,
+        "blocks": list(c.blocks),
+        "levels": list(c.bank.levels),
+        "seed": story.seed,
+        "id_length": c.id_length,
+        "story": story.name,
+        "storydiff_version": __version__,
+    }
+
+
+def save_writers(
+    plan: Plan, folder: Path | None, model_id: str, size: tuple[int, int]
+) -> dict[str, Any]:
+    """A bank writer per character with references, into `folder`/<name>."""
+    from .consistency.saved_bank import BankWriter
+
+    if folder is None or not plan.story.uses_csa:
+        return {}
+    return {
+        name: BankWriter(folder / name, character_record(plan, name, model_id, size))
+        for name in plan.references
+    }
+
+
+def check_saved_banks(plan: Plan, model_id: str, size: tuple[int, int]) -> None:
+    """Refuse a saved character whose bank another model, size or setting made."""
+    from .consistency.saved_bank import mismatches, read_meta
+
+    for name, (folder, _) in plan.banks.items():
+        wrong = mismatches(read_meta(Path(folder)), character_record(plan, name, model_id, size))
+        if wrong:
+            raise BankMismatch(
+                f"characters.{name}.bank: {folder} was saved under other settings ("
+                + "; ".join(wrong)
+                + "); save it again with this story's settings, or match them"
+            )
+
+
 def generate_story(
     story_path: Path,
     options: GenerateOptions,
@@ -180,6 +238,7 @@ def generate_story(
     model_info = loaded.describe() | {"render_size": [size.width, size.height]}
     run = StoryRun(folder, story_path, plan, model_info, options.overwrite)
     todo = run.pending()
+    check_saved_banks(plan, loaded.model_id, (size.width, size.height))
     frame_batch = options.frame_batch or default_frame_batch(loaded.pipe._execution_device)
     owned = frames_of_shard(plan, frame_batch, split) if split.active else None
     if owned is not None:
@@ -220,24 +279,33 @@ def generate_story(
         min_age_seconds=600.0 if split.active else 0.0,
     )
     loop: dict[str, Any] = {}  # what the story loop reports, when it runs
-    if todo:
+    writers = save_writers(
+        plan, options.save_characters, loaded.model_id, (size.width, size.height)
+    )
+    if todo or writers:
         run.write_manifest((size.width, size.height), versions, {}, complete=False)
         set_scheduler(loaded.pipe, story.scheduler)
         if hooks.on_start:
             hooks.on_start(len(todo), story.steps)
         # Keyed by what makes the loop's numbers: its frames' inputs (in loop order), how they
         # are batched, and where they run.
-        rows = [i for call in calls_needed(plan, todo) for i in call.frames]
+        rows = [i for call in calls_needed(plan, todo, writers) for i in call.frames]
         checkpoint_key = {
             "frames": [run.keys[i] for i in rows],
             "frame_batch": frame_batch,
             "device": loaded.device,
             "compiled": options.compile,
         }
-        checkpoint = LoopCheckpoint(
-            folder / checkpoint_name,
-            hashlib.sha256(json.dumps(checkpoint_key).encode()).hexdigest()[:16],
-            every_steps=options.checkpoint_every,
+        # Saving characters writes every step's bank as it is made: such a run starts at step
+        # 0 (a resumed one would save only the steps after its checkpoint).
+        checkpoint = (
+            None
+            if writers
+            else LoopCheckpoint(
+                folder / checkpoint_name,
+                hashlib.sha256(json.dumps(checkpoint_key).encode()).hexdigest()[:16],
+                every_steps=options.checkpoint_every,
+            )
         )
 
         def on_frame(index: int, image: Any, seconds: float) -> None:
@@ -256,8 +324,10 @@ def generate_story(
             compile_backend="inductor" if options.compile else None,
             frame_batch=frame_batch,
             checkpoint=checkpoint,
+            save_banks=writers,
         )
-        checkpoint.remove()  # its frames are written
+        if checkpoint is not None:
+            checkpoint.remove()  # its frames are written
     memory, memory_kind = peak_memory(loaded.device)
     result.generated = sorted(run.generated)
     result.others = [f.index for f in plan.frames if owned is not None and f.index not in owned]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .checkpoints import LoopCheckpoint
 from .consistency.csa import (
@@ -23,6 +24,7 @@ from .consistency.csa import (
     windowed_unet,
 )
 from .consistency.one_prompt import one_prompt_conditioning
+from .consistency.saved_bank import BankWriter, SavedBank
 from .plan import GenerationCall, Plan, PlannedFrame
 
 StepCallback = Callable[[int, int], None]  # (steps done in this call, total steps)
@@ -46,14 +48,17 @@ def render_size(plan: Plan, long_side: int | None) -> RenderSize:
     )
 
 
-def calls_needed(plan: Plan, todo: Iterable[int]) -> list[GenerationCall]:
-    """The pipeline calls that must run to produce the frames in `todo`.
+def calls_needed(
+    plan: Plan, todo: Iterable[int], characters: Iterable[str] = ()
+) -> list[GenerationCall]:
+    """The pipeline calls that must run to produce the frames in `todo` (and the banks of
+    `characters`, to save them).
 
     A reference frame needs its character's write call; so does any frame that reads that
     character's bank, even when the references themselves are already on disk.
     """
     todo = set(todo)
-    readers = {c for i in todo for c in plan.frames[i].characters}
+    readers = {c for i in todo for c in plan.frames[i].characters} | set(characters)
     return [
         call
         for call in plan.calls
@@ -178,6 +183,7 @@ def generate_keyframes(
     compile_backend: str | None = None,
     frame_batch: int | None = None,
     checkpoint: LoopCheckpoint | None = None,
+    save_banks: Mapping[str, BankWriter] | None = None,
 ) -> dict[str, Any]:
     """Generate the frames in `todo`, all of a story's frames advancing together step by step.
 
@@ -187,15 +193,17 @@ def generate_keyframes(
     as one batch. Each plan call keeps its own seeded noise and CSA draws, so frames equal the
     per-call schedule's within float tolerance. Frames outside `todo` run only when a needed
     frame depends on them (references), and are then not reported. `on_call(description)`
-    announces each chunk's forward, `on_step(step, steps)` each finished step. Returns what the
-    manifest records of the run.
+    announces each chunk's forward, `on_step(step, steps)` each finished step. `save_banks`:
+    characters whose bank is written, step by step, as it is made (their write calls run even
+    when no frame needs them). Returns what the manifest records of the run.
     """
     todo = set(todo)
     story = plan.story
     unet, scheduler = pipe.unet, pipe.scheduler
     device = pipe._execution_device
     cfg = story.guidance > 1 and unet.config.time_cond_proj_dim is None
-    calls = calls_needed(plan, todo)
+    save_banks = save_banks or {}
+    calls = calls_needed(plan, todo, save_banks)
     frame_batch = frame_batch or default_frame_batch(device)
     chunks = story_chunks(plan, calls, frame_batch)
     frames = [plan.frames[i] for call in calls for i in call.frames]  # one row each
@@ -219,6 +227,11 @@ def generate_keyframes(
     # the schedulers that draw noise while stepping.
     noise = initial_noise(pipe, frames, size, dtype)
     latents = noise.to(device) * scheduler.init_noise_sigma
+    # Pictures (start_image, a character's image) are not denoised: at every step their row is
+    # the picture's latent noised to that step's level, so the reference forward carries its
+    # tokens into the character's bank; the picture itself is the frame.
+    picture_rows = [r for r, f in enumerate(frames) if f.picture is not None]
+    pictures = encode_pictures(pipe, [frames[r].picture for r in picture_rows], size)
     generators = [torch.Generator("cpu").manual_seed(f.seed) for f in frames]
     step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
 
@@ -234,6 +247,9 @@ def generate_keyframes(
             compiled=compile_backend is not None,
         )
         guard = installed_csa(unet, state)
+        for name in plan.banks:
+            state.bank[name] = {}  # filled from the saved character at every step
+    saved_banks = {name: SavedBank(Path(folder)) for name, (folder, _) in plan.banks.items()}
     compiling: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if compile_backend is not None:
         compiling = compiled_unet(unet, compile_backend)
@@ -272,6 +288,15 @@ def generate_keyframes(
         for step, t in enumerate(scheduler.timesteps):
             if step < start:
                 continue
+            if state is not None:
+                for name, bank in saved_banks.items():
+                    if (layers := bank.load_step(step, device)) is not None:
+                        state.bank[name][step] = layers
+            if picture_rows:
+                at = t.reshape(1).to(device)
+                for row, clean in zip(picture_rows, pictures, strict=True):
+                    noisy = scheduler.add_noise(clean[None], noise[row : row + 1].to(device), at)
+                    latents[row] = noisy[0].to(latents.dtype)
             noise_pred = torch.empty_like(latents)
             for n, chunk in enumerate(chunks):
                 if on_call is not None:
@@ -297,6 +322,10 @@ def generate_keyframes(
                     )[0]
                 if state is not None:
                     state.leave()
+                    character = chunk.calls[0].character or ""
+                    layers = state.bank.get(character, {}).get(step)
+                    if chunk.phase == "write" and character in save_banks and layers is not None:
+                        save_banks[character].save_step(step, layers)  # as it is made
                 if cfg:
                     uncond, cond = pred.chunk(2)
                     pred = uncond + story.guidance * (cond - uncond)
@@ -317,13 +346,20 @@ def generate_keyframes(
                     },
                 )
 
+        for writer in save_banks.values():
+            writer.finish()
+
         # 7. Decode, a chunk at a time (bounded memory), and hand each frame over.
         seconds = (time.perf_counter() - started) / len(frames)
         for chunk in chunks:
-            images = decode_latents(pipe, latents[list(chunk.rows)])
-            for r, image in zip(chunk.rows, images, strict=True):
-                if frames[r].index in todo:
-                    on_frame(frames[r].index, image, seconds)
+            rows = [r for r in chunk.rows if frames[r].index in todo and r not in picture_rows]
+            images = decode_latents(pipe, latents[rows]) if rows else []
+            for r, image in zip(rows, images, strict=True):
+                on_frame(frames[r].index, image, seconds)
+        for r in picture_rows:
+            if frames[r].index in todo:
+                with Image.open(frames[r].picture) as picture:  # type: ignore[arg-type]
+                    on_frame(frames[r].index, picture.convert("RGB"), 0.0)
     pipe.maybe_free_model_hooks()
     return {
         "frame_batch": frame_batch,
@@ -390,6 +426,37 @@ def initial_noise(
         generator = torch.Generator("cpu").manual_seed(seed)
         draws[seed] = randn_tensor((count, *shape), generator=generator, dtype=dtype)
     return torch.stack([draws[f.seed][f.noise_index] for f in frames])
+
+
+def encode_pictures(pipe: Any, paths: list[str | None], size: RenderSize) -> list[torch.Tensor]:
+    """Pictures → their clean latents at the render size (centre-cropped to its aspect ratio),
+    the VAE's mean as diffusers' img2img takes it, scaled as `decode_latents` unscales."""
+    if not paths:
+        return []
+    vae = pipe.vae
+    device = get_module_execution_device(vae)
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        pipe.upcast_vae()
+    dtype = next(iter(vae.encoder.parameters())).dtype
+    out = []
+    for path in paths:
+        with Image.open(path) as picture:  # type: ignore[arg-type]
+            image = ImageOps.fit(picture.convert("RGB"), (size.width, size.height))
+        pixels = pipe.image_processor.preprocess(image).to(device, dtype)
+        latents = vae.encode(pixels).latent_dist.mean
+        mean = getattr(vae.config, "latents_mean", None)
+        std = getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents)
+            latents = (latents - mean) * vae.config.scaling_factor / std
+        else:
+            latents = latents * vae.config.scaling_factor
+        out.append(latents[0].to(pipe.unet.dtype))
+    if upcast:
+        vae.to(dtype=torch.float16)
+    return out
 
 
 def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:

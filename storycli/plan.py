@@ -10,10 +10,12 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from .config import Configs
 from .consistency.consolidate import Consolidated, consolidated_frames
+from .consistency.saved_bank import read_meta
 from .seeds import derive_seed
 from .story import (
     NO_CHARACTER_TAG,
@@ -63,6 +65,10 @@ class PlannedFrame:
     # Which image of that generator's batch draw is this frame's noise (0: the first): what a
     # frame at that position of one pipeline call's batch starts from. See `noise_draws`.
     noise_index: int = 0
+    # A picture this frame is (start_image, a character's image): written unchanged, and in
+    # its character's reference forward at every step, noised to that step's level.
+    picture: str | None = None
+    picture_sha256: str | None = None
 
     @property
     def number(self) -> int:
@@ -81,7 +87,7 @@ class PlannedFrame:
             "caption": self.caption,
             "seed": self.seed,
             "noise_index": self.noise_index,
-        }
+        } | ({"picture": self.picture} if self.picture else {})
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,8 @@ class Plan:
     # 1Prompt1Story: each character frame's consolidated prompt and its pieces (its `prompt`
     # is that prompt, so frame keys already cover it).
     consolidated: Mapping[int, Consolidated] = field(default_factory=dict)
+    # Saved characters: name → (folder, digest of its steps); their frames read that bank.
+    banks: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     def dependencies(self, index: int) -> tuple[int, ...]:
         """Frames whose inputs shape this frame's pixels: its call's batch, the references it
@@ -144,12 +152,16 @@ class Plan:
         consistency = story.consistency.model_dump(
             exclude=None if story.uses_one_prompt else {"one_prompt"}
         )
+        banks = {
+            c: self.banks[c][1] for d in deps for c in self.frames[d].characters if c in self.banks
+        }
         payload = {
+            **({"banks": dict(sorted(banks.items()))} if banks else {}),  # only where used
             "model": model,
             "settings": settings | {"consistency": consistency},
             "cast": story.cast,
             "frame": index,
-            "dependencies": [asdict(self.frames[d]) | {"caption": None} for d in deps],
+            "dependencies": [key_fields(self.frames[d]) for d in deps],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -177,6 +189,20 @@ class Plan:
             },
             "warnings": [{"field": w.field, "message": w.message} for w in self.warnings],
         }
+
+
+def key_fields(frame: PlannedFrame) -> dict[str, Any]:
+    """What of a frame goes into the keys of the frames depending on it: all but its caption
+    (and the picture fields of frames that are no pictures, so their keys stay as they were)."""
+    fields = asdict(frame) | {"caption": None}
+    if frame.picture is None:
+        del fields["picture"], fields["picture_sha256"]
+    return fields
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
 
 
 def _over_budget(fitted: Fitted, characters: tuple[str, ...], style: str | None) -> str:
@@ -231,10 +257,11 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
     # consistency they are still batched the same way, so switching CSA off changes nothing but
     # the attention (batch composition alone can move float results by an ulp).
     id_length = story.consistency.id_length
+    saved = story.banks()
     groups = {
         name: tuple(indexes[:id_length])
         for name, indexes in single_character_frames(story).items()
-        if indexes
+        if indexes and name not in saved
     }
     windowed = story.uses_csa and story.consistency.mode == "window"
     if windowed:
@@ -254,6 +281,7 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
             )
         )
 
+    pictures = story.pictures()
     noise = noise_draws(story, [*groups.values(), tuple(i for i, _ in _window_frames(story))])
     consolidated = (
         consolidated_frames(
@@ -311,6 +339,8 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
                 reference_of=reference_of.get(i),
                 seed=noise[i][0],
                 noise_index=noise[i][1],
+                picture=pictures.get(i),
+                picture_sha256=_file_sha256(pictures[i]) if i in pictures else None,
             )
         )
 
@@ -331,4 +361,7 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         for f in frames
         if f.index not in grouped and f.role != "window"
     ]
-    return Plan(story, tuple(frames), references, tuple(calls), tuple(warnings), consolidated)
+    banks = {name: (folder, read_meta(Path(folder))["digest"]) for name, folder in saved.items()}
+    return Plan(
+        story, tuple(frames), references, tuple(calls), tuple(warnings), consolidated, banks
+    )

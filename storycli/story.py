@@ -186,6 +186,16 @@ class FreeU(_Strict):
     b2: float = Field(ge=0.0)
 
 
+class CharacterSpec(_Strict):
+    """A character given as a mapping: its description, and optionally its picture."""
+
+    description: str = Field(min_length=1)
+    # A picture of the character (path relative to the story file): its first solo frame.
+    image: str | None = Field(default=None, min_length=1)
+    # A saved character (`generate --save-characters`): its bank instead of its references.
+    bank: str | None = Field(default=None, min_length=1)
+
+
 class FrameSpec(_Strict):
     prompt: str = Field(min_length=1)
     caption: str | None = None
@@ -223,7 +233,9 @@ class Story(_Strict):
     model: str = Field(min_length=1)
     style: str | None = None
     identity: str | None = Field(default=None, min_length=1)
-    characters: dict[str, Annotated[str, Field(min_length=1)]] | None = None
+    characters: dict[str, Annotated[str, Field(min_length=1)] | CharacterSpec] | None = None
+    # A picture that is frame 1 (continue a story from it): path relative to the story file.
+    start_image: str | None = Field(default=None, min_length=1)
     frames: list[Frame] = Field(min_length=1)
     negative: str
     seed: int = Field(ge=0, le=2**32 - 1)
@@ -240,7 +252,7 @@ class Story(_Strict):
 
     @field_validator("characters")
     @classmethod
-    def _character_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+    def _character_names(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is None:
             return value
         if not value:
@@ -258,7 +270,30 @@ class Story(_Strict):
         """Character name → description, in definition order (identity form: one entry)."""
         if self.identity is not None:
             return {IDENTITY_NAME: self.identity}
-        return dict(self.characters or {})
+        return {
+            name: spec if isinstance(spec, str) else spec.description
+            for name, spec in (self.characters or {}).items()
+        }
+
+    def banks(self) -> dict[str, str]:
+        """Character name → the saved character folder it is read from."""
+        return {
+            name: spec.bank
+            for name, spec in (self.characters or {}).items()
+            if isinstance(spec, CharacterSpec) and spec.bank is not None
+        }
+
+    def pictures(self) -> dict[int, str]:
+        """Frame index → the picture that frame is (as written in the story): `start_image`
+        is frame 1; a character's `image` is its first frame that shows it alone."""
+        out: dict[int, str] = {}
+        if self.start_image is not None:
+            out[0] = self.start_image
+        singles = single_character_frames(self)
+        for name, spec in (self.characters or {}).items():
+            if isinstance(spec, CharacterSpec) and spec.image is not None and singles[name]:
+                out.setdefault(singles[name][0], spec.image)
+        return out
 
     @property
     def uses_csa(self) -> bool:
@@ -454,7 +489,31 @@ def load_story(
     problems = check_story(story, configs, base_dir=path.parent)
     if problems:
         raise source.error(problems, overrides or ())
-    return story
+    return with_absolute_pictures(story, path.parent)
+
+
+def with_absolute_pictures(story: Story, base_dir: Path) -> Story:
+    """Pictures named relative to the story file, made absolute: the plan reads them from
+    wherever the command runs."""
+    update: dict[str, Any] = {}
+    if story.start_image is not None:
+        update["start_image"] = str(picture_path(story.start_image, base_dir).resolve())
+    if story.characters and any(isinstance(c, CharacterSpec) for c in story.characters.values()):
+
+        def absolute(spec: str | CharacterSpec) -> str | CharacterSpec:
+            if isinstance(spec, str):
+                return spec
+            paths = {"image": spec.image, "bank": spec.bank}
+            return spec.model_copy(
+                update={
+                    key: str(picture_path(value, base_dir).resolve())
+                    for key, value in paths.items()
+                    if value is not None
+                }
+            )
+
+        update["characters"] = {name: absolute(spec) for name, spec in story.characters.items()}
+    return story.model_copy(update=update) if update else story
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,6 +652,8 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
         if not stripped and not names:
             problems.append((("frames", i, "prompt"), "prompt is empty once tags are removed"))
 
+    problems += check_pictures(story, base_dir)
+    problems += check_banks(story, base_dir)
     if story.consistency.stride > story.consistency.window:
         problems.append(
             (("consistency", "stride"), "must not exceed consistency.window (frames would skip)")
@@ -602,6 +663,8 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
         shown = {name for frame in story.frames for name in frame_characters(story, frame.prompt)}
         need = story.consistency.id_length
         for name in defined:
+            if name in story.banks():
+                continue  # read from its saved bank: it has no references
             have = len(singles[name])
             if have < need:
                 where = ("characters", name) if story.characters is not None else ("identity",)
@@ -620,6 +683,79 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
                         "lower id_length",
                     )
                 )
+    return problems
+
+
+def picture_path(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def check_pictures(story: Story, base_dir: Path) -> list[tuple[Loc, str]]:
+    """Pictures must be readable images, and frame 1 of a `start_image` must show one
+    character (the picture's); a character's `image` needs a frame showing it alone."""
+    from PIL import Image, UnidentifiedImageError
+
+    problems: list[tuple[Loc, str]] = []
+    where: list[tuple[Loc, str]] = []
+    if story.start_image is not None:
+        where.append((("start_image",), story.start_image))
+        shown = frame_characters(story, story.frames[0].prompt)
+        if len(shown) != 1:
+            what = "no character" if not shown else f"{len(shown)} characters"
+            problems.append(
+                (
+                    ("frames", 0),
+                    f"frame 1 is the start_image, so it must show one character (it shows "
+                    f"{what}); describe the picture's character in it",
+                )
+            )
+    singles = single_character_frames(story)
+    for name, spec in (story.characters or {}).items():
+        if isinstance(spec, CharacterSpec) and spec.image is not None:
+            where.append((("characters", name, "image"), spec.image))
+            if not singles[name]:
+                problems.append(
+                    (
+                        ("characters", name, "image"),
+                        f"the picture is {name}'s first frame that shows it alone, but no frame "
+                        "shows it alone; add one",
+                    )
+                )
+    for loc, value in where:
+        path = picture_path(value, base_dir)
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except FileNotFoundError:
+            problems.append((loc, f"picture '{value}' does not exist (looked at {path})"))
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            problems.append((loc, f"'{value}' is not a readable image ({exc})"))
+    return problems
+
+
+def check_banks(story: Story, base_dir: Path) -> list[tuple[Loc, str]]:
+    from .consistency.saved_bank import read_meta
+
+    problems: list[tuple[Loc, str]] = []
+    for name, spec in (story.characters or {}).items():
+        if not isinstance(spec, CharacterSpec) or spec.bank is None:
+            continue
+        loc: Loc = ("characters", name, "bank")
+        if spec.image is not None:
+            problems.append((loc, "give a saved `bank` or an `image`, not both"))
+        elif not story.uses_csa:
+            problems.append(
+                (
+                    loc,
+                    "a saved bank is read by Consistent Self-Attention: use method storydiffusion",
+                )
+            )
+        else:
+            try:
+                read_meta(picture_path(spec.bank, base_dir))
+            except ValueError as exc:
+                problems.append((loc, str(exc)))
     return problems
 
 
