@@ -239,6 +239,10 @@ def generate_story(
     run = StoryRun(folder, story_path, plan, model_info, options.overwrite)
     todo = run.pending()
     check_saved_banks(plan, loaded.model_id, (size.width, size.height))
+    if options.compile and story.consistency.history:
+        raise InvalidInput(
+            "--compile: rolling history (consistency.history) runs eagerly only; drop one"
+        )
     frame_batch = options.frame_batch or default_frame_batch(loaded.pipe._execution_device)
     owned = frames_of_shard(plan, frame_batch, split) if split.active else None
     if owned is not None:

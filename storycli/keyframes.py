@@ -58,6 +58,13 @@ def calls_needed(
     character's bank, even when the references themselves are already on disk.
     """
     todo = set(todo)
+    if plan.story.consistency.history:  # a read frame needs the read frames before it
+        todo |= {
+            j
+            for i in list(todo)
+            if plan.frames[i].role == "read"
+            for j in plan.history_before(i, every=True)
+        }
     readers = {c for i in todo for c in plan.frames[i].characters} | set(characters)
     return [
         call
@@ -164,7 +171,10 @@ def story_chunks(plan: Plan, calls: Iterable[GenerationCall], frame_batch: int) 
             continue
         key = (call.phase, plan.frames[call.frames[0]].characters if call.phase == "read" else ())
         pending.setdefault(key, []).append(call)
-        if len(pending[key]) == frame_batch:
+        # With rolling history a read frame reads the one before it at the same step: each
+        # runs in a forward of its own, in story order.
+        alone = call.phase == "read" and plan.story.consistency.history > 0
+        if len(pending[key]) == frame_batch or alone:
             flush(key)
     for key in list(pending):
         flush(key)
@@ -254,6 +264,7 @@ def generate_keyframes(
     if compile_backend is not None:
         compiling = compiled_unet(unet, compile_backend)
 
+    history = story.consistency.history > 0
     with guard, compiling, freeu_enabled(pipe, plan):
         if state is not None:
             for n, chunk in enumerate(chunks):
@@ -263,9 +274,8 @@ def generate_keyframes(
                         n_images=len(call.frames),
                         seed=call.csa_seed,
                         character=call.character,
-                        read_characters=plan.frames[call.frames[0]].characters
-                        if call.phase == "read"
-                        else (),
+                        read_characters=read_characters(plan, call),
+                        history_key=history_key(call.frames[0]) if history else None,
                     )
                     for call in chunk.calls
                 ]
@@ -367,6 +377,20 @@ def generate_keyframes(
         "peak_bank_bytes": state.peak_bank_bytes if state is not None else 0,
         "checkpoint": checkpoint.describe() if checkpoint is not None else None,
     }
+
+
+def history_key(index: int) -> str:
+    """The bank entry a read frame's own samples go to, for the frames after it (history)."""
+    return f"#frame{index + 1}"
+
+
+def read_characters(plan: Plan, call: GenerationCall) -> tuple[str, ...]:
+    """The banks a call's frames read: a read frame's characters, and with rolling history
+    the read frames before it."""
+    if call.phase != "read":
+        return ()
+    index = call.frames[0]
+    return plan.frames[index].characters + tuple(history_key(j) for j in plan.history_before(index))
 
 
 def text_conditioning(

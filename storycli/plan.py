@@ -134,12 +134,23 @@ class Plan:
         """Frames whose inputs shape this frame's pixels: its call's batch, the references it
         reads, itself."""
         deps = {index}
-        for call in self.calls:
-            if index in call.frames:
-                deps.update(call.frames)
-        for name in self.frames[index].characters:
-            deps.update(self.references.get(name, ()))
+        # Rolling history: a read frame reads the read frames before it, which read theirs.
+        if self.story.consistency.history and self.frames[index].role == "read":
+            deps.update(self.history_before(index, every=True))
+        for i in list(deps):
+            for call in self.calls:
+                if i in call.frames:
+                    deps.update(call.frames)
+            for name in self.frames[i].characters:
+                deps.update(self.references.get(name, ()))
         return tuple(sorted(deps))
+
+    def history_before(self, index: int, every: bool = False) -> tuple[int, ...]:
+        """The read frames before `index` in story order whose samples it reads (`history`
+        of them; `every`: all, which they in turn depend on)."""
+        before = [f.index for f in self.frames[:index] if f.role == "read"]
+        history = self.story.consistency.history
+        return tuple(before if every else before[-history:] if history else ())
 
     def frame_key(self, index: int, model: dict[str, Any]) -> str:
         """A hash of everything that determines a frame's pixels; equal keys, equal frames."""
@@ -149,9 +160,11 @@ class Plan:
             include={"width", "height", "steps", "guidance", "scheduler", "noise", "freeu"}
         )
         # 1Prompt1Story's settings only where it runs: stories without it keep their keys.
-        consistency = story.consistency.model_dump(
-            exclude=None if story.uses_one_prompt else {"one_prompt"}
+        # Settings of methods a story does not use stay out: its keys stay as they were.
+        unused = ({"one_prompt"} if not story.uses_one_prompt else set()) | (
+            {"history"} if not story.consistency.history else set()
         )
+        consistency = story.consistency.model_dump(exclude=unused or None)
         banks = {
             c: self.banks[c][1] for d in deps for c in self.frames[d].characters if c in self.banks
         }

@@ -161,6 +161,8 @@ class Consistency(_Strict):
     mode: Literal["reference", "window"]
     window: int = Field(ge=2)
     stride: int = Field(ge=1)
+    # Rolling history: a read frame also reads samples of the K read frames before it (same step).
+    history: int = Field(ge=0)
     one_prompt: OnePrompt
 
     @property
@@ -654,6 +656,14 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
 
     problems += check_pictures(story, base_dir)
     problems += check_banks(story, base_dir)
+    if story.consistency.history and not (story.uses_csa and story.consistency.mode == "reference"):
+        problems.append(
+            (
+                ("consistency", "history"),
+                "rolling history is read by Consistent Self-Attention in reference mode: use "
+                "method storydiffusion with mode reference, or history 0",
+            )
+        )
     if story.consistency.stride > story.consistency.window:
         problems.append(
             (("consistency", "stride"), "must not exceed consistency.window (frames would skip)")

@@ -18,6 +18,9 @@ from .shard import Shard
 def frames_of_shard(plan: Plan, frame_batch: int, shard: Shard) -> set[int]:
     """The frame indices whose files this shard writes (all of them for one process)."""
     owned: set[int] = set()
+    if plan.story.consistency.history:
+        # Every read frame reads the one before it at the same step: not shareable.
+        return set(range(len(plan.frames))) if shard.leader else owned
     position = 0
     for chunk in story_chunks(plan, plan.calls, frame_batch):
         frames = {i for call in chunk.calls for i in call.frames}

@@ -166,6 +166,7 @@ class CallStream:
     read_characters: tuple[str, ...]
     generator: torch.Generator
     step: int = -1
+    history_key: str | None = None  # a read frame whose samples later frames read (history)
 
 
 class CSAState:
@@ -187,6 +188,7 @@ class CSAState:
         self.n_images = 1
         self.character: str | None = None
         self.read_characters: tuple[str, ...] = ()
+        self.history_key: str | None = None
         self.step = -1
         # bank[character][step][layer name] -> (2, groups, references * k, channels): the
         # sampled tokens' keys and values, as projected in the write forward, so read frames
@@ -215,9 +217,11 @@ class CSAState:
         seed: int,
         character: str | None = None,
         read_characters: Sequence[str] = (),
+        history_key: str | None = None,
     ) -> CallStream:
         """The CSA randomness and step count of one call of `n_images` frames (per CFG group),
-        seeded as that call; `enter` it before each of its UNet forwards."""
+        seeded as that call; `enter` it before each of its UNet forwards. `history_key`: a
+        read frame also banks samples of its own tokens there (rolling history)."""
         if phase == "write" and character is None:
             raise ValueError("a write call needs the character whose bank it fills")
         missing = [c for c in read_characters if c not in self.bank]
@@ -225,8 +229,12 @@ class CSAState:
             raise RuntimeError(f"no reference bank for {missing}; run its write call first")
         if phase == "write":
             self.bank[character] = {}  # type: ignore[index]
+        if history_key is not None:
+            self.bank[history_key] = {}
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        return CallStream(phase, n_images, character, tuple(read_characters), generator)
+        return CallStream(
+            phase, n_images, character, tuple(read_characters), generator, history_key=history_key
+        )
 
     def enter(self, streams: Sequence[CallStream]) -> None:
         """The next UNet forward runs these calls together, at the same step. Only read calls
@@ -245,6 +253,7 @@ class CSAState:
         self.phase, self.character = first.phase, first.character
         self.n_images = sum(s.n_images for s in streams)
         self.read_characters = first.read_characters
+        self.history_key = first.history_key if first.phase == "read" else None
         self.generator, self.step = first.generator, first.step
 
     def leave(self) -> None:
@@ -305,7 +314,8 @@ class CSAState:
         self._staged, self._written = {}, {}
         self._latent_size = (latent_height, latent_width)
         self.csa_now = self.phase != "off" and self.step >= self.settings.warmup_steps
-        self.store_now = self.phase == "write" and self._banks_step(self.step)
+        history = self.phase == "read" and self.history_key is not None
+        self.store_now = (self.phase == "write" or history) and self._banks_step(self.step)
         if self.phase == "off":
             return
         p = self.settings.apply_probability(self.step)
@@ -320,8 +330,8 @@ class CSAState:
         if self.compiled:
             self.apply_flags = torch.tensor(self._apply_rows, device=device)  # (calls, layers)
         self._draws = {}
-        if self.phase == "write":
-            self._draw_levels()
+        if self.phase == "write" or (history and self.store_now):
+            self._draw_levels()  # a history frame: samples of its own tokens, to bank
         if self.compiled and self.phase == "read" and device is not None:
             self._stage(device)
 
@@ -385,7 +395,8 @@ class CSAState:
 
     def _store(self, layer: LayerInfo, kv: torch.Tensor) -> None:
         tensor = kv.to(dtype=self.bank_settings.dtype or kv.dtype)
-        steps = self.bank[self.character]  # type: ignore[index]
+        owner = self.history_key if self.phase == "read" else self.character
+        steps = self.bank[owner]  # type: ignore[index]
         steps.setdefault(self.step, {})[layer.name] = tensor
 
     def _reads_layer(self, layer: LayerInfo) -> bool:
@@ -419,6 +430,15 @@ class CSAState:
         applies = self.n_images > 1 and (self.compiled or self._apply[layer.index])
         stores = self.store_now and layer.level in self.bank_settings.levels
         return draw, applies, stores
+
+    def history_draw(self, layer: LayerInfo) -> _LevelDraw | None:
+        """Read phase with rolling history: this layer's sample of the frame's own tokens,
+        when this step banks them."""
+        if self.phase != "read" or self.history_key is None or not self.store_now:
+            return None
+        if layer.level not in self.bank_settings.levels:
+            return None
+        return self._draws.get(layer.level)
 
     def file_bank(self, layer: LayerInfo, key: torch.Tensor, value: torch.Tensor) -> None:
         """Bank the sampled tokens' keys and values, (groups, n·k, C) each, after the forward."""
@@ -530,9 +550,15 @@ class ConsistentSelfAttnProcessor:
                 out = self._write(attn, hidden_states)
             else:
                 extra = state.read_tokens(self.layer, hidden_states)
+                history = state.history_draw(self.layer)
+                if extra is not None or history is not None:
+                    key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+                if history is not None:  # bank this frame's samples for the frames after it
+                    banked = history.banked.to(hidden_states.device)
+                    state.file_bank(self.layer, key[:, banked], value[:, banked])
                 if extra is not None:
-                    key = torch.cat([attn.to_k(hidden_states), extra[0]], dim=1)
-                    value = torch.cat([attn.to_v(hidden_states), extra[1]], dim=1)
+                    key = torch.cat([key, extra[0]], dim=1)
+                    value = torch.cat([value, extra[1]], dim=1)
                     bias = state.skip_bias(
                         self.layer, hidden_states.shape[1], extra.shape[2], hidden_states
                     )
