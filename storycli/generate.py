@@ -283,55 +283,62 @@ def generate_story(
         min_age_seconds=600.0 if split.active else 0.0,
     )
     loop: dict[str, Any] = {}  # what the story loop reports, when it runs
+    from .consistency.ip_adapter import attached_ip_adapter
+
+    # The adapter (if any) loads before anything is written; it must also come before CSA's
+    # processors, which the story loop installs (loading it resets every processor).
     writers = save_writers(
         plan, options.save_characters, loaded.model_id, (size.width, size.height)
     )
-    if todo or writers:
-        run.write_manifest((size.width, size.height), versions, {}, complete=False)
-        set_scheduler(loaded.pipe, story.scheduler)
-        if hooks.on_start:
-            hooks.on_start(len(todo), story.steps)
-        # Keyed by what makes the loop's numbers: its frames' inputs (in loop order), how they
-        # are batched, and where they run.
-        rows = [i for call in calls_needed(plan, todo, writers) for i in call.frames]
-        checkpoint_key = {
-            "frames": [run.keys[i] for i in rows],
-            "frame_batch": frame_batch,
-            "device": loaded.device,
-            "compiled": options.compile,
-        }
-        # Saving characters writes every step's bank as it is made: such a run starts at step
-        # 0 (a resumed one would save only the steps after its checkpoint).
-        checkpoint = (
-            None
-            if writers
-            else LoopCheckpoint(
-                folder / checkpoint_name,
-                hashlib.sha256(json.dumps(checkpoint_key).encode()).hexdigest()[:16],
-                every_steps=options.checkpoint_every,
+    adapter = story.ip_adapter if todo or writers else None
+    with attached_ip_adapter(loaded.pipe, adapter) as image_embeds:
+        if todo or writers:
+            run.write_manifest((size.width, size.height), versions, {}, complete=False)
+            set_scheduler(loaded.pipe, story.scheduler)
+            if hooks.on_start:
+                hooks.on_start(len(todo), story.steps)
+            # Keyed by what makes the loop's numbers: its frames' inputs (in loop order), how they
+            # are batched, and where they run.
+            rows = [i for call in calls_needed(plan, todo, writers) for i in call.frames]
+            checkpoint_key = {
+                "frames": [run.keys[i] for i in rows],
+                "frame_batch": frame_batch,
+                "device": loaded.device,
+                "compiled": options.compile,
+            }
+            # Saving characters writes every step's bank as it is made: such a run starts at step
+            # 0 (a resumed one would save only the steps after its checkpoint).
+            checkpoint = (
+                None
+                if writers
+                else LoopCheckpoint(
+                    folder / checkpoint_name,
+                    hashlib.sha256(json.dumps(checkpoint_key).encode()).hexdigest()[:16],
+                    every_steps=options.checkpoint_every,
+                )
             )
-        )
 
-        def on_frame(index: int, image: Any, seconds: float) -> None:
-            path = run.save_frame(index, image, seconds)
-            if hooks.on_frame:
-                hooks.on_frame(index, path)
+            def on_frame(index: int, image: Any, seconds: float) -> None:
+                path = run.save_frame(index, image, seconds)
+                if hooks.on_frame:
+                    hooks.on_frame(index, path)
 
-        loop = generate_keyframes(
-            loaded.pipe,
-            plan,
-            todo,
-            size,
-            on_frame=on_frame,
-            on_step=hooks.on_step,
-            on_call=hooks.on_call,
-            compile_backend="inductor" if options.compile else None,
-            frame_batch=frame_batch,
-            checkpoint=checkpoint,
-            save_banks=writers,
-        )
-        if checkpoint is not None:
-            checkpoint.remove()  # its frames are written
+            loop = generate_keyframes(
+                loaded.pipe,
+                plan,
+                todo,
+                size,
+                on_frame=on_frame,
+                on_step=hooks.on_step,
+                on_call=hooks.on_call,
+                compile_backend="inductor" if options.compile else None,
+                frame_batch=frame_batch,
+                checkpoint=checkpoint,
+                save_banks=writers,
+                image_embeds=image_embeds,
+            )
+            if checkpoint is not None:
+                checkpoint.remove()  # its frames are written
     memory, memory_kind = peak_memory(loaded.device)
     result.generated = sorted(run.generated)
     result.others = [f.index for f in plan.frames if owned is not None and f.index not in owned]

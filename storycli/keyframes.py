@@ -23,6 +23,7 @@ from .consistency.csa import (
     installed_csa,
     windowed_unet,
 )
+from .consistency.ip_adapter import chunk_image_embeds
 from .consistency.one_prompt import one_prompt_conditioning
 from .consistency.saved_bank import BankWriter, SavedBank
 from .plan import GenerationCall, Plan, PlannedFrame
@@ -194,6 +195,7 @@ def generate_keyframes(
     frame_batch: int | None = None,
     checkpoint: LoopCheckpoint | None = None,
     save_banks: Mapping[str, BankWriter] | None = None,
+    image_embeds: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Generate the frames in `todo`, all of a story's frames advancing together step by step.
 
@@ -205,7 +207,9 @@ def generate_keyframes(
     frame depends on them (references), and are then not reported. `on_call(description)`
     announces each chunk's forward, `on_step(step, steps)` each finished step. `save_banks`:
     characters whose bank is written, step by step, as it is made (their write calls run even
-    when no frame needs them). Returns what the manifest records of the run.
+    when no frame needs them). `image_embeds`: the IP-Adapter photo's (unconditional,
+    conditional) embeddings, the adapter loaded (`ip_adapter.attached_ip_adapter`). Returns what
+    the manifest records of the run.
     """
     todo = set(todo)
     story = plan.story
@@ -266,6 +270,9 @@ def generate_keyframes(
 
     history = story.consistency.history > 0
     with guard, compiling, freeu_enabled(pipe, plan):
+        if image_embeds is not None:  # the photo for every row of every chunk
+            for (_, added, _), chunk in zip(inputs, chunks, strict=True):
+                added["image_embeds"] = chunk_image_embeds(image_embeds, len(chunk.rows), cfg)
         if state is not None:
             for n, chunk in enumerate(chunks):
                 streams[n] = [

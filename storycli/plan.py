@@ -129,6 +129,7 @@ class Plan:
     consolidated: Mapping[int, Consolidated] = field(default_factory=dict)
     # Saved characters: name → (folder, digest of its steps); their frames read that bank.
     banks: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    ip_image_sha256: str | None = None  # the IP-Adapter photo's content
 
     def dependencies(self, index: int) -> tuple[int, ...]:
         """Frames whose inputs shape this frame's pixels: its call's batch, the references it
@@ -168,8 +169,14 @@ class Plan:
         banks = {
             c: self.banks[c][1] for d in deps for c in self.frames[d].characters if c in self.banks
         }
+        adapter = story.ip_adapter
         payload = {
             **({"banks": dict(sorted(banks.items()))} if banks else {}),  # only where used
+            **(
+                {"ip_adapter": adapter.model_dump() | {"sha256": self.ip_image_sha256}}
+                if adapter is not None
+                else {}
+            ),
             "model": model,
             "settings": settings | {"consistency": consistency},
             "cast": story.cast,
@@ -376,5 +383,12 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
     ]
     banks = {name: (folder, read_meta(Path(folder))["digest"]) for name, folder in saved.items()}
     return Plan(
-        story, tuple(frames), references, tuple(calls), tuple(warnings), consolidated, banks
+        story,
+        tuple(frames),
+        references,
+        tuple(calls),
+        tuple(warnings),
+        consolidated,
+        banks,
+        _file_sha256(story.ip_adapter.image) if story.ip_adapter is not None else None,
     )

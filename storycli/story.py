@@ -198,6 +198,15 @@ class CharacterSpec(_Strict):
     bank: str | None = Field(default=None, min_length=1)
 
 
+class IPAdapter(_Strict):
+    """A reference photo through IP-Adapter (see README, "Story format")."""
+
+    image: str = Field(min_length=1)  # the photo, relative to the story file
+    scale: float = Field(default=0.6, ge=0.0)
+    variant: Literal["plain", "plus", "plus-face"] = "plain"
+    model: str = Field(default="h94/IP-Adapter", min_length=1)  # hub id, folder or `tiny`
+
+
 class FrameSpec(_Strict):
     prompt: str = Field(min_length=1)
     caption: str | None = None
@@ -238,6 +247,7 @@ class Story(_Strict):
     characters: dict[str, Annotated[str, Field(min_length=1)] | CharacterSpec] | None = None
     # A picture that is frame 1 (continue a story from it): path relative to the story file.
     start_image: str | None = Field(default=None, min_length=1)
+    ip_adapter: IPAdapter | None = None
     frames: list[Frame] = Field(min_length=1)
     negative: str
     seed: int = Field(ge=0, le=2**32 - 1)
@@ -500,6 +510,15 @@ def with_absolute_pictures(story: Story, base_dir: Path) -> Story:
     update: dict[str, Any] = {}
     if story.start_image is not None:
         update["start_image"] = str(picture_path(story.start_image, base_dir).resolve())
+    if story.ip_adapter is not None:
+        adapter = story.ip_adapter
+        model = picture_path(adapter.model, base_dir)
+        update["ip_adapter"] = adapter.model_copy(
+            update={
+                "image": str(picture_path(adapter.image, base_dir).resolve()),
+                "model": str(model.resolve()) if model.is_dir() else adapter.model,
+            }
+        )
     if story.characters and any(isinstance(c, CharacterSpec) for c in story.characters.values()):
 
         def absolute(spec: str | CharacterSpec) -> str | CharacterSpec:
@@ -720,6 +739,8 @@ def check_pictures(story: Story, base_dir: Path) -> list[tuple[Loc, str]]:
                     f"{what}); describe the picture's character in it",
                 )
             )
+    if story.ip_adapter is not None:
+        where.append((("ip_adapter", "image"), story.ip_adapter.image))
     singles = single_character_frames(story)
     for name, spec in (story.characters or {}).items():
         if isinstance(spec, CharacterSpec) and spec.image is not None:

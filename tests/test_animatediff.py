@@ -348,7 +348,7 @@ def _save_tiny_stack_repos(root: Path) -> dict[str, Path]:
         )
         with tiny_video.quiet_diffusers_models():
             motion_unet = UNetMotionModel.from_unet2d(unet, adapter)
-        ip = tiny_video._ip_adapter_state_dict(motion_unet, EMBED_DIM)
+        ip = tiny_video.ip_adapter_state_dict(motion_unet, EMBED_DIM)
     repos = {
         "stable-diffusion-v1-5/stable-diffusion-v1-5": root / "sd15",
         "guoyww/animatediff-motion-adapter-v1-5-3": root / "motion",

@@ -702,6 +702,8 @@ def windowed_unet(
                 return value[rows]
             if isinstance(value, dict):
                 return {k: take(v, rows) for k, v in value.items()}
+            if isinstance(value, list):  # IP-Adapter image embeddings, one per adapter
+                return [take(v, rows) for v in value]
             return value
 
         total = torch.zeros_like(sample)

@@ -183,7 +183,7 @@ def _wake_zero_layers(controlnet: torch.nn.Module) -> None:
             torch.nn.init.normal_(param, std=_WAKE_STD)
 
 
-def _ip_adapter_state_dict(unet: Any, image_dim: int) -> dict[str, dict[str, torch.Tensor]]:
+def ip_adapter_state_dict(unet: Any, image_dim: int) -> dict[str, dict[str, torch.Tensor]]:
     """A random IP-Adapter in the `ip-adapter_sd15` file layout, for `load_ip_adapter`.
 
     `image_proj.proj` maps one image embedding to 4 tokens; `ip_adapter.{k}.to_{k,v}_ip` are
@@ -248,7 +248,7 @@ def build_tiny_animatediff_stack(
                 feature_extractor=processor,
                 image_encoder=image_encoder,
             )
-        state_dict = _ip_adapter_state_dict(pipe.unet, image_encoder.config.projection_dim)
+        state_dict = ip_adapter_state_dict(pipe.unet, image_encoder.config.projection_dim)
     # The real loader, fed a state dict: the same ImageProjection + IPAdapterAttnProcessor2_0.
     with quiet_diffusers_models():
         pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None)

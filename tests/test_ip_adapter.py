@@ -1,0 +1,106 @@
+"""Reference-photo identity through diffusers' IP-Adapter (`ip_adapter:`), on the tiny model
+with a tiny random adapter: in memory (`model: tiny`) and saved in h94/IP-Adapter's layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from test_generate import pixels, run_cli
+
+from storycli.consistency.ip_adapter import save_tiny_ip_adapter
+from storycli.tiny import build_tiny_sdxl_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def photo(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def story(tmp_path: Path, name: str, adapter: dict[str, Any] | None, **changes: Any) -> Path:
+    data: dict[str, Any] = {
+        "name": name,
+        "model": "tiny",
+        "identity": "a woman with red hair",
+        "frames": ["walks", "reads", "drinks tea", "[NC] a street"],
+        "seed": 3,
+        "width": 256,
+        "height": 192,
+        "steps": 2,
+        "scheduler": "euler",
+        "consistency": {"method": "storydiffusion", "id_length": 2},
+    }
+    if adapter is not None:
+        data["ip_adapter"] = adapter
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data | changes, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def frames(out: Path, name: str) -> list[np.ndarray]:
+    return [pixels(out / name / f"frame_0{i}.png") for i in range(1, 5)]
+
+
+def test_the_photo_changes_the_frames_and_scale_zero_is_no_adapter(tmp_path: Path) -> None:
+    photo(tmp_path / "a.png", 0)
+    photo(tmp_path / "b.png", 1)
+    out = tmp_path / "out"
+    stories = [
+        story(tmp_path, "plain", None),
+        story(tmp_path, "zero", {"image": "a.png", "model": "tiny", "scale": 0.0}),
+        story(tmp_path, "photo-a", {"image": "a.png", "model": "tiny", "scale": 1.0}),
+        story(tmp_path, "photo-b", {"image": "b.png", "model": "tiny", "scale": 1.0}),
+        story(
+            tmp_path,
+            "one-prompt",
+            {"image": "a.png", "model": "tiny", "scale": 1.0},
+            consistency={"method": ["storydiffusion", "one-prompt"], "id_length": 2},
+        ),
+    ]
+    # One batch: the adapter is loaded and unloaded per story on the one cached pipeline.
+    run_cli("generate", *stories, "--out", out)
+    plain, zero, a, b = (frames(out, n) for n in ("plain", "zero", "photo-a", "photo-b"))
+    for i in range(4):
+        np.testing.assert_array_equal(zero[i], plain[i])  # scale 0: exactly no adapter
+        assert not np.array_equal(a[i], b[i])  # the photo shows in every frame
+        assert not np.array_equal(a[i], plain[i])
+    assert len(frames(out, "one-prompt")) == 4
+    # The story without an adapter, alone, is as in the batch: the pipeline was left as it was.
+    run_cli("generate", story(tmp_path, "plain-alone", None), "--out", out)
+    for i in range(4):
+        np.testing.assert_array_equal(frames(out, "plain-alone")[i], plain[i])
+    manifest = json.loads((out / "photo-a" / "manifest.json").read_text())
+    assert manifest["story"]["ip_adapter"]["image"] == str((tmp_path / "a.png").resolve())
+
+
+def test_an_adapter_folder_in_the_hub_layout_loads(tmp_path: Path) -> None:
+    root = save_tiny_ip_adapter(tmp_path / "IP-Adapter", build_tiny_sdxl_pipeline().unet)
+    assert (root / "sdxl_models" / "ip-adapter_sdxl.safetensors").is_file()
+    assert (root / "sdxl_models" / "image_encoder" / "config.json").is_file()
+    photo(tmp_path / "a.png", 0)
+    out = tmp_path / "out"
+    adapter = {"image": "a.png", "model": "./IP-Adapter", "scale": 1.0}
+    run_cli("generate", story(tmp_path, "folder", adapter), "--out", out)
+    run_cli("generate", story(tmp_path, "plain", None), "--out", out)
+    assert not np.array_equal(frames(out, "folder")[0], frames(out, "plain")[0])
+
+
+def test_missing_adapter_weights_offline_are_one_line(tmp_path: Path, hub_offline: None) -> None:
+    photo(tmp_path / "a.png", 0)
+    path = story(tmp_path, "hub", {"image": "a.png", "model": "h94/IP-Adapter"})
+    result = run_cli("generate", path, "--out", tmp_path / "out", code=1)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "h94/IP-Adapter" in errors[0] and "hf download" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+    bad = story(tmp_path, "bad", {"image": "missing.png", "model": "tiny"})
+    result = run_cli("validate", bad, code=2)
+    assert "ip_adapter.image" in result.stderr and "does not exist" in result.stderr
