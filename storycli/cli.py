@@ -37,6 +37,7 @@ from .cli_common import (
     Quiet,
     Verbose,
     app,
+    choice,
     configure_logging,
     fail,
     run_guarded,
@@ -45,6 +46,7 @@ from .cli_common import (
 )
 from .config import ConfigFileError, Configs
 from .errors import EXIT_INVALID
+from .render.layouts import LAYOUTS
 from .story import StoryError
 
 
@@ -355,6 +357,40 @@ def describe_generated(record: dict[str, Any]) -> str:
     made = sum(f["status"] == "generated" for f in record["frames"])
     kept = sum(f["status"] == "skipped" for f in record["frames"])
     return f"{made} frame(s) generated, {kept} unchanged"
+
+
+@app.command(
+    cls=Command,
+    epilog="[bold]Examples[/]\n\n  storydiff pages outputs/lighthouse --layout classic\n\n"
+    "  storydiff pages outputs/lighthouse --layout four-panel --caption-font-size 28",
+)
+def pages(
+    run_folder: Annotated[
+        Path, typer.Argument(help="A `generate` output folder.", show_default=False)
+    ],
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            callback=lambda v: v if v is None else choice("--layout", LAYOUTS)(v),
+            help="grid, four-panel or classic (default: the story's `layout`).",
+        ),
+    ] = None,
+    caption_font_size: Annotated[
+        int | None,
+        typer.Option(min=6, max=400, help="Caption size in pixels (default: the story's)."),
+    ] = None,
+    verbose: Verbose = 0,
+) -> None:
+    """Lay out an existing run's frames as comic pages again (page_01.png, … and comic.pdf),
+    without generating anything."""
+    from .render.pages import relayout
+
+    written = run_guarded(lambda: relayout(run_folder, layout, caption_font_size), verbose)
+    stderr_console().print(
+        f"[green]done[/] {escape(str(run_folder))}: {len(written)} page(s) and comic.pdf",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def print_done(console: Console, result: Any, lines: str | None) -> None:

@@ -208,6 +208,7 @@ def generate_story(
     from .models import set_scheduler
     from .paths import check_writable_folder
     from .render import uncovered_characters
+    from .render.pages import PAGE_RE, PDF
     from .runs import FRAME_FILE, GRID, MANIFEST, StoryRun, peak_memory
 
     story = plan.story
@@ -276,10 +277,10 @@ def generate_story(
         if not split.active
         else (CHECKPOINT_NAME.replace(".pt", f"-{split.index}of{split.count}.pt"))
     )
-    ours = {f.file for f in plan.frames} | {GRID, MANIFEST, checkpoint_name}
+    ours = {f.file for f in plan.frames} | {GRID, MANIFEST, PDF, checkpoint_name}
     remove_temp_files(
         folder,
-        lambda name: name in ours or FRAME_FILE.fullmatch(name) is not None,
+        lambda name: name in ours or any(p.fullmatch(name) for p in (FRAME_FILE, PAGE_RE)),
         min_age_seconds=600.0 if split.active else 0.0,
     )
     loop: dict[str, Any] = {}  # what the story loop reports, when it runs
@@ -353,6 +354,7 @@ def generate_story(
         result.finished = False  # other shards' frames are still to come: the last one finishes
         return result
     run.write_grid()
+    pages = run.write_pages()
     missing = uncovered_characters(f.caption for f in plan.frames)
     if missing and hooks.on_warning:
         hooks.on_warning(
@@ -368,6 +370,8 @@ def generate_story(
             "peak_memory_kind": memory_kind,
             "compiled": options.compile,
             "story_loop": loop,
+            "pages": pages,
+            "pdf": "comic.pdf",
             "shard": {"index": split.index, "count": split.count} if split.active else None,
         },
     )

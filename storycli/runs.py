@@ -193,6 +193,22 @@ class StoryRun:
         atomic_write_bytes(path, buffer.getvalue())
         return path
 
+    def write_pages(self) -> list[str]:
+        """Comic pages and comic.pdf in the story's layout (see render.pages)."""
+        from .render.pages import write_pages
+
+        story = self.plan.story
+        previous = self.previous.get("pages") or []
+        return write_pages(
+            self.folder,
+            [f.file for f in self.plan.frames],
+            [f.caption for f in self.plan.frames],
+            story.layout,
+            story.seed,
+            story.caption_font_size,
+            previous=[p for p in previous if isinstance(p, str)],
+        )
+
     def write_manifest(
         self,
         size: tuple[int, int],

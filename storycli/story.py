@@ -248,6 +248,8 @@ class Story(_Strict):
     # A picture that is frame 1 (continue a story from it): path relative to the story file.
     start_image: str | None = Field(default=None, min_length=1)
     ip_adapter: IPAdapter | None = None
+    layout: Literal["grid", "four-panel", "classic"] = "grid"  # comic pages (render.pages)
+    caption_font_size: int | None = Field(default=None, ge=6, le=400)
     frames: list[Frame] = Field(min_length=1)
     negative: str
     seed: int = Field(ge=0, le=2**32 - 1)

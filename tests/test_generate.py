@@ -187,7 +187,7 @@ def fresh(tmp_path: Path) -> dict[str, Any]:
 def test_cli_writes_frames_grid_and_manifest(base_run: dict[str, Any]) -> None:
     folder = base_run["folder"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [*PAIR_FILES, "grid.png", "manifest.json"]
+        [*PAIR_FILES, "grid.png", "manifest.json", "page_01.png", "comic.pdf"]
     )
     manifest = base_run["manifest"]
     assert manifest["size"] == list(RENDER_SIZE)
@@ -269,7 +269,9 @@ def test_two_friends_example_with_tiny_model(tmp_path: Path) -> None:
     summary = generate_json(STORIES / "two_friends.yaml", tmp_path, "--model", "tiny")
     folder = tmp_path / "two-friends"
     names = [f"frame_{i:02d}.png" for i in range(1, 10)]
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*names, "grid.png", "manifest.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*names, "grid.png", "manifest.json", "page_01.png", "comic.pdf"]
+    )
     assert generated(summary) == set(range(1, 10))
     assert summary["size"] == [64, 48]  # 1024x768 scaled to the tiny long side
     for name in names:
@@ -501,7 +503,7 @@ def test_overwrite_with_a_shorter_story_removes_its_extra_frames(fresh: dict[str
     other_path = write_story(fresh["story"].parent.parent / "other" / "pair.yaml", other)
     generate_json(other_path, fresh["out"], "--overwrite")
     assert sorted(p.name for p in fresh["folder"].iterdir()) == sorted(
-        [*PAIR_FILES[:4], "grid.png", "manifest.json"]
+        [*PAIR_FILES[:4], "grid.png", "manifest.json", "page_01.png", "comic.pdf"]
     )
 
 
@@ -736,7 +738,7 @@ def test_shortened_story_removes_only_its_own_stale_frames(fresh: dict[str, Any]
 
     assert summary["removed"] == [str(folder / "frame_05.png"), str(folder / "frame_06.png")]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [*PAIR_FILES[:4], "frame_09.png", "grid.png", "manifest.json"]
+        [*PAIR_FILES[:4], "frame_09.png", "grid.png", "manifest.json", "page_01.png", "comic.pdf"]
     )
     assert generated(summary) == set()  # the four kept frames are unchanged
 

@@ -477,7 +477,7 @@ def caption_band(caption: str, width: int = W) -> Image.Image:
 
 
 def test_shipped_font_and_licence_are_in_the_package() -> None:
-    path = Path(render.__file__).parent / "fonts" / "NotoSans-Regular.ttf"
+    path = Path(render.__file__).parent.parent / "fonts" / "NotoSans-Regular.ttf"
     assert path.resolve() == render.CAPTION_FONT_PATH
     assert 100_000 < path.stat().st_size < 1_000_000
     assert ImageFont.truetype(path, 12).getname() == ("Noto Sans", "Regular")

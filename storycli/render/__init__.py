@@ -170,7 +170,7 @@ def default_columns(count: int) -> int:
 # misfires on empty glyphs (spaces, combining marks), on fonts whose .notdef is blank, and on
 # bitmap emoji fonts that cannot render at arbitrary sizes; the cmap is exact and Pillow-free.
 
-CAPTION_FONT_PATH = Path(__file__).resolve().parent / "fonts" / "NotoSans-Regular.ttf"
+CAPTION_FONT_PATH = Path(__file__).resolve().parent.parent / "fonts" / "NotoSans-Regular.ttf"
 
 _BLACK = (0, 0, 0)
 # Size used by uncovered_characters: coverage does not depend on size, a font just has to open.
