@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .batch.shard import resolve_shard
 from .cli_batch import (
     FailFast,
     JsonLinesOpt,
@@ -24,7 +25,6 @@ from .cli_batch import (
     display_shard,
     finish_batch,
     report_item,
-    resolve_shard,
     shard_device_for,
 )
 from .cli_common import (

@@ -16,7 +16,6 @@ from rich.table import Table
 
 from .batch.runner import DONE, BatchItem, batch_exit_code
 from .batch.shard import Shard
-from .batch.shard import resolve_shard as _resolve_shard
 from .batch.shard import shard_from_env as _shard_from_env
 from .cli_common import Flag
 from .errors import InvalidInput
@@ -50,10 +49,6 @@ JsonLinesOpt = Annotated[
     bool,
     Flag("--json", help="Print one JSON line per input on stdout, nothing else (for scripts)."),
 ]
-
-
-def resolve_shard(option: str | None) -> Shard:
-    return _resolve_shard(option)
 
 
 def display_shard(shard: Shard) -> Shard:

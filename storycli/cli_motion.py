@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from .batch.runner import run_batch
+from .batch.shard import resolve_shard
 from .cli_batch import (
     FailFast,
     JsonLinesOpt,
@@ -21,7 +22,6 @@ from .cli_batch import (
     display_shard,
     finish_batch,
     report_item,
-    resolve_shard,
     shard_device_for,
 )
 from .cli_common import (

@@ -459,6 +459,18 @@ def initial_noise(
     return torch.stack([draws[f.seed][f.noise_index] for f in frames])
 
 
+def latent_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE's per-channel latent mean and std (SDXL's VAE has none), shaped like `like`."""
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return (
+        torch.tensor(mean).view(1, 4, 1, 1).to(like.device, like.dtype),
+        torch.tensor(std).view(1, 4, 1, 1).to(like.device, like.dtype),
+    )
+
+
 def encode_pictures(pipe: Any, paths: list[str | None], size: RenderSize) -> list[torch.Tensor]:
     """Pictures → their clean latents at the render size (centre-cropped to its aspect ratio),
     the VAE's mean as diffusers' img2img takes it, scaled as `decode_latents` unscales."""
@@ -476,11 +488,9 @@ def encode_pictures(pipe: Any, paths: list[str | None], size: RenderSize) -> lis
             image = ImageOps.fit(picture.convert("RGB"), (size.width, size.height))
         pixels = pipe.image_processor.preprocess(image).to(device, dtype)
         latents = vae.encode(pixels).latent_dist.mean
-        mean = getattr(vae.config, "latents_mean", None)
-        std = getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents)
-            std = torch.tensor(std).view(1, 4, 1, 1).to(latents)
+        stats = latent_stats(vae, latents)
+        if stats is not None:
+            mean, std = stats
             latents = (latents - mean) * vae.config.scaling_factor / std
         else:
             latents = latents * vae.config.scaling_factor
@@ -498,11 +508,9 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
     if upcast:
         pipe.upcast_vae()
         latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-    mean = getattr(vae.config, "latents_mean", None)
-    std = getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+    stats = latent_stats(vae, latents)
+    if stats is not None:
+        mean, std = stats
         latents = latents * std / vae.config.scaling_factor + mean
     else:
         latents = latents / vae.config.scaling_factor

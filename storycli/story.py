@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from .config import SCHEDULERS, ConfigFileError, Configs
+from .consistency.saved_bank import read_meta
 
 Loc = tuple[str | int, ...]
 
@@ -768,8 +769,6 @@ def check_pictures(story: Story, base_dir: Path) -> list[tuple[Loc, str]]:
 
 
 def check_banks(story: Story, base_dir: Path) -> list[tuple[Loc, str]]:
-    from .consistency.saved_bank import read_meta
-
     problems: list[tuple[Loc, str]] = []
     for name, spec in (story.characters or {}).items():
         if not isinstance(spec, CharacterSpec) or spec.bank is None:

@@ -130,6 +130,8 @@ def test_windows_respect_the_token_budget_on_a_long_story(tmp_path: Path) -> Non
     story = load_story(write(tmp_path, story_data(frames)), configs)
     plan = build_plan(story, configs)
     assert set(plan.consolidated) == set(range(30)) - {7}  # [NC] frames are not consolidated
+    # The same windows without the 10-frame cap: where one is longer, the budget did not stop it.
+    uncapped = consolidated_frames(story, configs.styles["comic"].prompt, 30)
     for index, consolidated in plan.consolidated.items():
         assert consolidated.frames[0] == index  # the frame itself first
         assert count_tokens(consolidated.prompt) <= CONTENT_TOKENS  # counted in tokens
@@ -142,8 +144,7 @@ def test_windows_respect_the_token_budget_on_a_long_story(tmp_path: Path) -> Non
             pool[(start + n) % len(pool)] for n in range(len(consolidated.frames))
         ]
         # As many as fit: one more frame would overflow.
-        more = consolidated_frames(story, configs.styles["comic"].prompt, 30)[index]
-        if len(more.frames) > len(consolidated.frames):
+        if len(uncapped[index].frames) > len(consolidated.frames):
             pytest.fail("the window stopped before the budget")
     assert not plan.warnings
     short = build_plan(load_story(write(tmp_path, story_data(["[Ann] runs"] * 12)), configs))

@@ -110,7 +110,7 @@ def one_prompt_conditioning(
     says, per frame of the chunk, its consolidated prompt (None: an [NC] frame)."""
     frames = len(consolidated)
     offset = frames if cfg else 0  # the conditional rows
-    before = text.clone()
+    before = text.clone() if settings.ipca else text  # IPCA appends the unweighted rows
     widths = encoder_widths(pipe, text.shape[-1])
     sets: list[TokenSets | None] = [
         token_sets(pipe.tokenizer or pipe.tokenizer_2, c) if c is not None else None

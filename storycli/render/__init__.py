@@ -550,15 +550,15 @@ def uncovered_characters(texts: Iterable[str]) -> list[str]:
     )
 
 
-def _caption_metrics(frame_width: int) -> tuple[_FontChain, int, int]:
+def _caption_metrics(frame_width: int, size: int | None = None) -> tuple[_FontChain, int, int]:
     """Caption fonts, band padding and line height for frames ``frame_width`` pixels wide.
 
-    Font size ``S = max(10, frame_width // 24)``; padding ``max(4, S // 4)`` above and below the
-    text and on either side; line height = the shipped font's ascent + descent +
-    ``max(2, S // 6)`` (fallback fonts share its baseline). A band holding ``k`` lines is
-    ``2 * padding + k * line_height`` pixels high.
+    Font size ``S = size`` when given, else ``max(10, frame_width // 24)``; padding
+    ``max(4, S // 4)`` above and below the text and on either side; line height = the
+    shipped font's ascent + descent + ``max(2, S // 6)`` (fallback fonts share its baseline).
+    A band holding ``k`` lines is ``2 * padding + k * line_height`` pixels high.
     """
-    size = max(10, frame_width // 24)
+    size = size if size is not None else max(10, frame_width // 24)
     fonts = _font_chain(size)
     pad = max(4, size // 4)
     return fonts, pad, fonts.ascent + fonts.descent + max(2, size // 6)

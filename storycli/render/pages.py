@@ -12,6 +12,7 @@ raster images already, so a PDF library would add a dependency and nothing else.
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import re
@@ -23,7 +24,7 @@ from PIL import Image
 
 from ..atomic import atomic_write_bytes
 from ..errors import InvalidInput
-from . import _flatten, _font_chain, _wrap, make_grid
+from . import _caption_metrics, _flatten, _wrap, make_grid
 from .layouts import LAYOUTS
 
 BORDER = 10  # pixels around and between panels
@@ -37,10 +38,6 @@ class Panel:
     caption: str | None = None
 
 
-def caption_font_size(panel_width: int, size: int | None = None) -> int:
-    return size if size is not None else max(10, panel_width // 24)
-
-
 def draw_panel(panel: Panel, size: tuple[int, int], font_size: int | None = None) -> Image.Image:
     """`panel` as a tile of exactly `size`: the picture filling it, the caption on a white
     band at the bottom (as many wrapped lines as fit)."""
@@ -51,9 +48,7 @@ def draw_panel(panel: Panel, size: tuple[int, int], font_size: int | None = None
     text = (panel.caption or "").strip()
     if not text:
         return tile
-    fonts = _font_chain(caption_font_size(width, font_size))
-    pad = max(3, fonts.ascent // 4)
-    line_height = fonts.ascent + fonts.descent + max(2, fonts.ascent // 6)
+    fonts, pad, line_height = _caption_metrics(width, font_size)
     lines = _wrap(text, fonts, max(1, width - 2 * pad))
     fit = max(0, min(len(lines), (height // 2 - 2 * pad) // max(1, line_height)))
     if fit == 0:
@@ -226,8 +221,6 @@ class PagesError(InvalidInput):
 def relayout(folder: Path, layout: str | None = None, font_size: int | None = None) -> list[str]:
     """`storydiff pages`: the pages of an existing run folder from its manifest (frame files,
     captions, the story's seed, layout and caption size), nothing generated."""
-    import json
-
     path = folder / "manifest.json"
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
