@@ -291,8 +291,8 @@ def generate_story(
     writers = save_writers(
         plan, options.save_characters, loaded.model_id, (size.width, size.height)
     )
-    adapter = story.ip_adapter if todo or writers else None
-    with attached_ip_adapter(loaded.pipe, adapter) as image_embeds:
+    photos = story.photos() if todo or writers else ()
+    with attached_ip_adapter(loaded.pipe, photos) as photo_inputs:
         if todo or writers:
             run.write_manifest((size.width, size.height), versions, {}, complete=False)
             set_scheduler(loaded.pipe, story.scheduler)
@@ -336,7 +336,7 @@ def generate_story(
                 frame_batch=frame_batch,
                 checkpoint=checkpoint,
                 save_banks=writers,
-                image_embeds=image_embeds,
+                photos=photo_inputs,
             )
             if checkpoint is not None:
                 checkpoint.remove()  # its frames are written

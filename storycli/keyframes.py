@@ -23,7 +23,7 @@ from .consistency.csa import (
     installed_csa,
     windowed_unet,
 )
-from .consistency.ip_adapter import chunk_image_embeds
+from .consistency.ip_adapter import Photos
 from .consistency.one_prompt import one_prompt_conditioning
 from .consistency.saved_bank import BankWriter, SavedBank
 from .plan import GenerationCall, Plan, PlannedFrame
@@ -195,7 +195,7 @@ def generate_keyframes(
     frame_batch: int | None = None,
     checkpoint: LoopCheckpoint | None = None,
     save_banks: Mapping[str, BankWriter] | None = None,
-    image_embeds: torch.Tensor | None = None,
+    photos: Photos | None = None,
 ) -> dict[str, Any]:
     """Generate the frames in `todo`, all of a story's frames advancing together step by step.
 
@@ -207,8 +207,8 @@ def generate_keyframes(
     frame depends on them (references), and are then not reported. `on_call(description)`
     announces each chunk's forward, `on_step(step, steps)` each finished step. `save_banks`:
     characters whose bank is written, step by step, as it is made (their write calls run even
-    when no frame needs them). `image_embeds`: the IP-Adapter photo's (unconditional,
-    conditional) embeddings, the adapter loaded (`ip_adapter.attached_ip_adapter`). Returns what
+    when no frame needs them). `photos`: the IP-Adapter photos' embeddings, the adapter
+    loaded (`ip_adapter.attached_ip_adapter`). Returns what
     the manifest records of the run.
     """
     todo = set(todo)
@@ -270,9 +270,15 @@ def generate_keyframes(
 
     history = story.consistency.history > 0
     with guard, compiling, freeu_enabled(pipe, plan):
-        if image_embeds is not None:  # the photo for every row of every chunk
-            for (_, added, _), chunk in zip(inputs, chunks, strict=True):
-                added["image_embeds"] = chunk_image_embeds(image_embeds, len(chunk.rows), cfg)
+        # IP-Adapter photos: each chunk's image embeddings, and masks where characters' photos
+        # condition only the rows that show them.
+        attention_kwargs: list[dict[str, Any] | None] = [None] * len(chunks)
+        if photos is not None:
+            for n, ((_, added, _), chunk) in enumerate(zip(inputs, chunks, strict=True)):
+                shown = [frames[r].characters for r in chunk.rows]
+                added["image_embeds"], attention_kwargs[n] = photos.forward_inputs(
+                    shown, cfg, tuple(latents.shape[-2:])
+                )
         if state is not None:
             for n, chunk in enumerate(chunks):
                 streams[n] = [
@@ -335,6 +341,7 @@ def generate_keyframes(
                         encoder_hidden_states=text,
                         encoder_attention_mask=text_mask,
                         added_cond_kwargs=added,
+                        cross_attention_kwargs=attention_kwargs[n],
                         return_dict=False,
                     )[0]
                 if state is not None:

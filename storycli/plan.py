@@ -129,7 +129,8 @@ class Plan:
     consolidated: Mapping[int, Consolidated] = field(default_factory=dict)
     # Saved characters: name → (folder, digest of its steps); their frames read that bank.
     banks: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-    ip_image_sha256: str | None = None  # the IP-Adapter photo's content
+    # IP-Adapter photos' contents, by the character each conditions (None: the story's own).
+    photo_sha256: Mapping[str | None, str] = field(default_factory=dict)
 
     def dependencies(self, index: int) -> tuple[int, ...]:
         """Frames whose inputs shape this frame's pixels: its call's batch, the references it
@@ -169,12 +170,19 @@ class Plan:
         banks = {
             c: self.banks[c][1] for d in deps for c in self.frames[d].characters if c in self.banks
         }
-        adapter = story.ip_adapter
+        photos = {
+            owner: adapter.model_dump() | {"sha256": self.photo_sha256[owner]}
+            for owner, adapter in story.photos()
+        }
+        shown = {c for d in deps for c in self.frames[d].characters}
         payload = {
             **({"banks": dict(sorted(banks.items()))} if banks else {}),  # only where used
+            **({"ip_adapter": photos[None]} if None in photos else {}),
+            # Characters' photos: those of the characters this frame's pixels depend on. The key
+            # is there whenever the story has any (they switch the adapter to per-frame masks).
             **(
-                {"ip_adapter": adapter.model_dump() | {"sha256": self.ip_image_sha256}}
-                if adapter is not None
+                {"character_photos": {c: p for c, p in photos.items() if c in shown}}
+                if any(c is not None for c in photos)
                 else {}
             ),
             "model": model,
@@ -390,5 +398,5 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         tuple(warnings),
         consolidated,
         banks,
-        _file_sha256(story.ip_adapter.image) if story.ip_adapter is not None else None,
+        {owner: _file_sha256(adapter.image) for owner, adapter in story.photos()},
     )

@@ -189,6 +189,15 @@ class FreeU(_Strict):
     b2: float = Field(ge=0.0)
 
 
+class IPAdapter(_Strict):
+    """A reference photo through IP-Adapter (see README, "Story format")."""
+
+    image: str = Field(min_length=1)  # the photo, relative to the story file
+    scale: float = Field(default=0.6, ge=0.0)
+    variant: Literal["plain", "plus", "plus-face"] = "plain"
+    model: str = Field(default="h94/IP-Adapter", min_length=1)  # hub id, folder or `tiny`
+
+
 class CharacterSpec(_Strict):
     """A character given as a mapping: its description, and optionally its picture."""
 
@@ -197,15 +206,9 @@ class CharacterSpec(_Strict):
     image: str | None = Field(default=None, min_length=1)
     # A saved character (`generate --save-characters`): its bank instead of its references.
     bank: str | None = Field(default=None, min_length=1)
-
-
-class IPAdapter(_Strict):
-    """A reference photo through IP-Adapter (see README, "Story format")."""
-
-    image: str = Field(min_length=1)  # the photo, relative to the story file
-    scale: float = Field(default=0.6, ge=0.0)
-    variant: Literal["plain", "plus", "plus-face"] = "plain"
-    model: str = Field(default="h94/IP-Adapter", min_length=1)  # hub id, folder or `tiny`
+    # A reference photo of this character through IP-Adapter: it conditions the frames that
+    # show the character (the story's own `ip_adapter` conditions every frame).
+    ip_adapter: IPAdapter | None = None
 
 
 class FrameSpec(_Strict):
@@ -289,6 +292,18 @@ class Story(_Strict):
             name: spec if isinstance(spec, str) else spec.description
             for name, spec in (self.characters or {}).items()
         }
+
+    def photos(self) -> tuple[tuple[str | None, IPAdapter], ...]:
+        """The IP-Adapter photos with the character each conditions (None: every frame): the
+        story's own first, then the characters' in definition order."""
+        own: tuple[tuple[str | None, IPAdapter], ...] = (
+            ((None, self.ip_adapter),) if self.ip_adapter is not None else ()
+        )
+        return own + tuple(
+            (name, spec.ip_adapter)
+            for name, spec in (self.characters or {}).items()
+            if isinstance(spec, CharacterSpec) and spec.ip_adapter is not None
+        )
 
     def banks(self) -> dict[str, str]:
         """Character name → the saved character folder it is read from."""
@@ -513,28 +528,31 @@ def with_absolute_pictures(story: Story, base_dir: Path) -> Story:
     update: dict[str, Any] = {}
     if story.start_image is not None:
         update["start_image"] = str(picture_path(story.start_image, base_dir).resolve())
-    if story.ip_adapter is not None:
-        adapter = story.ip_adapter
-        model = picture_path(adapter.model, base_dir)
-        update["ip_adapter"] = adapter.model_copy(
+
+    def absolute_adapter(adapter: IPAdapter) -> IPAdapter:
+        return adapter.model_copy(
             update={
                 "image": str(picture_path(adapter.image, base_dir).resolve()),
-                "model": str(model.resolve()) if model.is_dir() else adapter.model,
+                "model": adapter_source(adapter, base_dir),
             }
         )
+
+    if story.ip_adapter is not None:
+        update["ip_adapter"] = absolute_adapter(story.ip_adapter)
     if story.characters and any(isinstance(c, CharacterSpec) for c in story.characters.values()):
 
         def absolute(spec: str | CharacterSpec) -> str | CharacterSpec:
             if isinstance(spec, str):
                 return spec
             paths = {"image": spec.image, "bank": spec.bank}
-            return spec.model_copy(
-                update={
-                    key: str(picture_path(value, base_dir).resolve())
-                    for key, value in paths.items()
-                    if value is not None
-                }
-            )
+            changes: dict[str, Any] = {
+                key: str(picture_path(value, base_dir).resolve())
+                for key, value in paths.items()
+                if value is not None
+            }
+            if spec.ip_adapter is not None:
+                changes["ip_adapter"] = absolute_adapter(spec.ip_adapter)
+            return spec.model_copy(update=changes)
 
         update["characters"] = {name: absolute(spec) for name, spec in story.characters.items()}
     return story.model_copy(update=update) if update else story
@@ -723,6 +741,12 @@ def picture_path(value: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else base_dir / path
 
 
+def adapter_source(adapter: IPAdapter, base_dir: Path) -> str:
+    """Where the adapter loads from: a local folder (absolute), else the hub id or `tiny`."""
+    model = picture_path(adapter.model, base_dir)
+    return str(model.resolve()) if model.is_dir() else adapter.model
+
+
 def check_pictures(story: Story, base_dir: Path) -> list[tuple[Loc, str]]:
     """Pictures must be readable images, and frame 1 of a `start_image` must show one
     character (the picture's); a character's `image` needs a frame showing it alone."""
@@ -742,8 +766,23 @@ def check_pictures(story: Story, base_dir: Path) -> list[tuple[Loc, str]]:
                     f"{what}); describe the picture's character in it",
                 )
             )
-    if story.ip_adapter is not None:
-        where.append((("ip_adapter", "image"), story.ip_adapter.image))
+    photos = story.photos()
+    for owner, adapter in photos:
+        at: Loc = ("ip_adapter",) if owner is None else ("characters", owner, "ip_adapter")
+        where.append(((*at, "image"), adapter.image))
+        # One adapter and one image encoder per pipeline: every photo goes through the same.
+        for key, mine, first in (
+            ("variant", adapter.variant, photos[0][1].variant),
+            ("model", adapter_source(adapter, base_dir), adapter_source(photos[0][1], base_dir)),
+        ):
+            if mine != first:
+                problems.append(
+                    (
+                        (*at, key),
+                        f"is '{mine}' but the first photo's is '{first}': a story's photos "
+                        f"share one IP-Adapter (give every ip_adapter the same {key})",
+                    )
+                )
     singles = single_character_frames(story)
     for name, spec in (story.characters or {}).items():
         if isinstance(spec, CharacterSpec) and spec.image is not None:

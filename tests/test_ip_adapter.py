@@ -104,3 +104,123 @@ def test_missing_adapter_weights_offline_are_one_line(tmp_path: Path, hub_offlin
     bad = story(tmp_path, "bad", {"image": "missing.png", "model": "tiny"})
     result = run_cli("validate", bad, code=2)
     assert "ip_adapter.image" in result.stderr and "does not exist" in result.stderr
+
+
+def cast_story(tmp_path: Path, name: str, photos: dict[str, dict[str, Any]]) -> Path:
+    """Two characters, either with its own photo (`photos`: name → ip_adapter)."""
+    characters: dict[str, Any] = {
+        "Mara": "a girl with curly black hair",
+        "Ollie": "a small grey cat",
+    }
+    for who, adapter in photos.items():
+        characters[who] = {"description": characters[who], "ip_adapter": adapter}
+    frames = [
+        "[Mara] walks",
+        "[Ollie] sleeps",
+        "[Mara] reads",
+        "[Ollie] jumps",
+        "[Mara] drinks tea",
+        "[Mara] and [Ollie] wave",
+        "[NC] a street",
+    ]
+    return story(tmp_path, name, None, identity=None, characters=characters, frames=frames)
+
+
+def all_frames(out: Path, name: str) -> list[np.ndarray]:
+    return [pixels(out / name / f"frame_0{i}.png") for i in range(1, 8)]
+
+
+MARA, OLLIE, BOTH, STREET = (0, 2, 4), (1, 3), 5, 6
+
+
+def test_a_characters_photo_conditions_only_the_frames_that_show_it(tmp_path: Path) -> None:
+    photo(tmp_path / "a.png", 0)
+    photo(tmp_path / "b.png", 1)
+    mara = {"image": "a.png", "model": "tiny", "scale": 1.0}
+    ollie = {"image": "b.png", "model": "tiny", "scale": 1.0}
+    out = tmp_path / "out"
+    stories = [
+        cast_story(tmp_path, "plain", {}),
+        cast_story(tmp_path, "mara", {"Mara": mara}),
+        cast_story(tmp_path, "mara-zero", {"Mara": mara | {"scale": 0.0}}),
+        cast_story(tmp_path, "both", {"Mara": mara, "Ollie": ollie}),
+    ]
+    run_cli("generate", *stories, "--out", out)
+    plain, only_mara, zero, both = (
+        all_frames(out, n) for n in ("plain", "mara", "mara-zero", "both")
+    )
+    for i in range(7):
+        np.testing.assert_array_equal(zero[i], plain[i])  # scale 0: exactly no photo
+    for i in (*MARA, BOTH):  # Mara's photo shows where Mara is
+        assert not np.array_equal(only_mara[i], plain[i])
+    for i in (*OLLIE, STREET):  # and nowhere else: those frames are as without it
+        np.testing.assert_array_equal(only_mara[i], plain[i])
+    # Ollie's photo too: his frames and the frame with both change, Mara's alone do not.
+    for i in (*OLLIE, BOTH):
+        assert not np.array_equal(both[i], only_mara[i])
+    for i in (*MARA, STREET):
+        np.testing.assert_array_equal(both[i], only_mara[i])
+
+
+def test_adding_a_characters_photo_regenerates_only_its_frames(tmp_path: Path) -> None:
+    photo(tmp_path / "a.png", 0)
+    photo(tmp_path / "b.png", 1)
+    mara = {"image": "a.png", "model": "tiny", "scale": 1.0}
+    out = tmp_path / "out"
+    run_cli("generate", cast_story(tmp_path, "s", {"Mara": mara}), "--out", out)
+    before = all_frames(out, "s")
+    ollie = {"image": "b.png", "model": "tiny", "scale": 1.0}
+    result = run_cli(
+        "generate", cast_story(tmp_path, "s", {"Mara": mara, "Ollie": ollie}), "--out", out
+    )
+    assert "3 frame(s) generated, 4 unchanged" in result.stderr  # Ollie's two, and both
+    after = all_frames(out, "s")
+    for i in (*MARA, STREET):
+        np.testing.assert_array_equal(after[i], before[i])
+
+
+def test_a_storys_photos_share_one_adapter(tmp_path: Path) -> None:
+    photo(tmp_path / "a.png", 0)
+    photos = {
+        "Mara": {"image": "a.png", "model": "tiny"},
+        "Ollie": {"image": "a.png", "model": "tiny", "variant": "plus"},
+    }
+    result = run_cli("validate", cast_story(tmp_path, "mixed", photos), code=2)
+    assert "characters.Ollie.ip_adapter.variant" in result.stderr
+    assert "'plus'" in result.stderr and "same variant" in result.stderr
+    missing = {"Mara": {"image": "nope.png", "model": "tiny"}}
+    result = run_cli("validate", cast_story(tmp_path, "missing", missing), code=2)
+    assert "characters.Mara.ip_adapter.image" in result.stderr
+    assert "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("variant", ["plus", "plus-face"])
+def test_plus_variants_resample_the_encoders_hidden_states(tmp_path: Path, variant: str) -> None:
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from storycli.consistency.ip_adapter import VARIANTS, attached_ip_adapter
+    from storycli.story import IPAdapter
+
+    pipe = build_tiny_sdxl_pipeline()
+    settings = IPAdapter(image=str(photo(tmp_path / "a.png", 0)), model="tiny", variant=variant)
+    with attached_ip_adapter(pipe, [(None, settings)]) as photos:
+        (projection,) = pipe.unet.encoder_hid_proj.image_projection_layers
+        assert isinstance(projection, IPAdapterPlusImageProjection)  # the Resampler
+        assert photos is not None and photos.embeds.ndim == 4  # [2, photos, tokens, hidden]
+    assert pipe.unet.encoder_hid_proj is None  # unloaded after the story
+
+    # Saved in h94/IP-Adapter's layout, the folder loads the very same adapter.
+    root = save_tiny_ip_adapter(tmp_path / "IP-Adapter", pipe.unet, variant)
+    subfolder, weight, encoder = VARIANTS[variant]
+    assert (root / subfolder / weight).is_file() and (root / encoder / "config.json").is_file()
+    out = tmp_path / "out"
+    stories = [
+        story(tmp_path, "tiny", {"image": "a.png", "model": "tiny", "variant": variant}),
+        story(tmp_path, "folder", {"image": "a.png", "model": "./IP-Adapter", "variant": variant}),
+        story(tmp_path, "plain", {"image": "a.png", "model": "tiny", "variant": "plain"}),
+    ]
+    run_cli("generate", *stories, "--out", out)
+    tiny, folder, plain = (frames(out, n) for n in ("tiny", "folder", "plain"))
+    for i in range(4):
+        np.testing.assert_array_equal(folder[i], tiny[i])
+        assert not np.array_equal(tiny[i], plain[i])

@@ -699,7 +699,7 @@ def test_names_differing_only_in_case_are_valid_but_warned(tmp_path: Path) -> No
 
 
 def test_validate_all_examples_exits_0() -> None:
-    assert len(EXAMPLES) == 7
+    assert len(EXAMPLES) == 8
     result = run_cli("validate", *EXAMPLES)
     assert result.exit_code == 0, result.output
     for example in EXAMPLES:
