@@ -415,5 +415,11 @@ def main() -> None:
     app()
 
 
-# Stage-two commands live in their own module; importing it registers them on `app`.
+# The other commands live in their own modules; importing them registers them on `app`, in
+# this order in --help (stage two, then scoring, then planning).
+# isort: off
 from . import cli_motion  # noqa: E402, F401
+from . import cli_evaluate  # noqa: E402, F401
+from . import cli_bench  # noqa: E402, F401
+from . import cli_plan  # noqa: E402, F401
+# isort: on
