@@ -231,9 +231,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the pipeline, run one story through generate_keyframes, report its peak."""
     import torch
 
-    from storycli.keyframes import generate_keyframes, render_size
+    from storycli.keyframes import generate_keyframes
     from storycli.models import device_description, place_pipeline, set_scheduler
     from storycli.plan import build_plan
+    from storycli.schedule import render_size
     from storycli.story import load_story
 
     if spec.get("threads"):

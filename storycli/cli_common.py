@@ -146,6 +146,17 @@ def choice(option: str, choices: tuple[str, ...]) -> Callable[[str], str]:
     return check
 
 
+def at_least_one(option: str) -> Callable[[int | None], int | None]:
+    """An option callback: one `error:` line and exit 2 for a count below 1."""
+
+    def check(value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise fail(f"{option} {value}: must be 1 or more", EXIT_INVALID)
+        return value
+
+    return check
+
+
 # -- options shared by several commands ---------------------------------------------------------
 
 

@@ -71,6 +71,7 @@ class ModelPreset:
     variant: str | None = None
     description: str = ""
     long_side: int | None = None
+    vae: str | None = None  # replaces the model's VAE: hub id, folder or file (see `vae:`)
 
 
 class Configs:
@@ -121,5 +122,6 @@ class Configs:
                 variant=entry.get("variant"),
                 description=" ".join(str(entry.get("description", "")).split()),
                 long_side=entry.get("long_side"),
+                vae=str(entry["vae"]) if entry.get("vae") else None,
             )
         return out

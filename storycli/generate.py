@@ -31,6 +31,7 @@ class GenerateOptions:
     overwrite: bool = False
     compile: bool = False  # torch.compile the UNet (slow first steps, faster after)
     frame_batch: int | None = None  # read/plain frames per UNet forward (None: per device)
+    decode_batch: int = 1  # frames the VAE decodes at once (each adds its activations to the peak)
     checkpoint_every: int | None = None  # steps between loop checkpoints (None: a few minutes)
     split: Shard = field(default_factory=Shard)  # this process's share of the story's frames
     save_characters: Path | None = None  # write each character's bank here (saved characters)
@@ -40,7 +41,7 @@ class GenerateOptions:
 class Hooks:
     """Progress callbacks; all optional."""
 
-    on_model: Callable[[Any], None] | None = None  # (LoadedModel)
+    on_model: Callable[[Any], None] | None = None  # (ModelInfo; loaded or not)
     on_start: Callable[[int, int], None] | None = None  # (frames to make, steps)
     on_call: Callable[[str], None] | None = None  # (the UNet forward running: which frames)
     on_step: Callable[[int, int], None] | None = None  # (step, steps) of the story loop
@@ -151,13 +152,18 @@ def character_record(plan: Plan, name: str, model_id: str, size: tuple[int, int]
     }
 
 
+def saves_characters(plan: Plan, folder: Path | None) -> bool:
+    """Whether `--save-characters` has banks to write for this story (its loop must run)."""
+    return folder is not None and plan.story.uses_csa and bool(plan.references)
+
+
 def save_writers(
     plan: Plan, folder: Path | None, model_id: str, size: tuple[int, int]
 ) -> dict[str, Any]:
     """A bank writer per character with references, into `folder`/<name>."""
     from .consistency.saved_bank import BankWriter
 
-    if folder is None or not plan.story.uses_csa:
+    if folder is None or not saves_characters(plan, folder):
         return {}
     return {
         name: BankWriter(folder / name, character_record(plan, name, model_id, size))
@@ -203,51 +209,63 @@ def generate_story(
     from .atomic import remove_temp_files
     from .batch.split import frames_of_shard
     from .checkpoints import CHECKPOINT_NAME, LoopCheckpoint
-    from .keyframes import calls_needed, default_frame_batch, generate_keyframes, render_size
     from .model_cache import ModelCache
-    from .models import set_scheduler
+    from .models import ModelInfo, resolve_model, set_scheduler
     from .paths import check_writable_folder
     from .render import uncovered_characters
     from .render.pages import PAGE_RE, PDF
     from .runs import FRAME_FILE, GRID, MANIFEST, StoryRun, peak_memory
+    from .schedule import calls_needed, default_frame_batch, render_size
 
     story = plan.story
     folder = options.out / story.name
-    # The output location and its ownership are checked before the (slow) model load; frame
-    # keys need the model, after it.
+    # The output location and its ownership are checked before the (slow) model load.
     check_writable_folder(folder, "--out")
     StoryRun(folder, story_path, plan, {}, options.overwrite).check_owner()
 
     split = options.split
     models = models or ModelCache()
-    loaded, reused = models.load(
-        story.model,
-        configs,
-        base_dir=story_path.parent,
-        device=options.device,
-        dtype=options.dtype,
-        offload=options.offload,  # type: ignore[arg-type]
-        vae_slicing=options.vae_slicing,
-        vae_tiling=options.vae_tiling,
-    )
+    load_options: dict[str, Any] = {
+        "device": options.device,
+        "dtype": options.dtype,
+        "offload": options.offload,
+        "vae": story.vae,
+    }
+    # Frame keys need only what the model resolves to, not its weights: the pipeline is loaded
+    # only when there is something to make.
+    info: ModelInfo = resolve_model(story.model, configs, story_path.parent, **load_options)
+    size = render_size(plan, info.long_side)
+    check_saved_banks(plan, info.model_id, (size.width, size.height))
+    frame_batch = options.frame_batch or default_frame_batch(info.device.partition(":")[0])
+    owned = frames_of_shard(plan, frame_batch, split) if split.active else None
+
+    def story_run(model: ModelInfo) -> tuple[StoryRun, list[int], dict[str, Any]]:
+        """The folder's run as made with `model`, and its frames (of this shard) to make."""
+        described = model.describe() | {"render_size": [size.width, size.height]}
+        run = StoryRun(folder, story_path, plan, described, options.overwrite)
+        todo = run.pending()
+        return run, [i for i in todo if owned is None or i in owned], described
+
+    run, todo, model_info = story_run(info)
+    saving = saves_characters(plan, options.save_characters)
+    loaded, reused = None, False
+    if todo or saving:
+        loaded, reused = models.load(
+            story.model,
+            configs,
+            base_dir=story_path.parent,
+            vae_slicing=options.vae_slicing,
+            vae_tiling=options.vae_tiling,
+            **load_options,
+        )
+        if loaded.describe() != info.describe():  # the load downloaded: a revision is known
+            info = loaded
+            run, todo, model_info = story_run(info)
     if hooks.on_model:
-        hooks.on_model(loaded)
-    for warning in model_warnings(plan, loaded.pipe):
+        hooks.on_model(info)
+    for warning in model_warnings(plan, loaded.pipe) if loaded is not None else []:
         if hooks.on_warning:
             hooks.on_warning(warning)
-    size = render_size(plan, loaded.long_side)
-    model_info = loaded.describe() | {"render_size": [size.width, size.height]}
-    run = StoryRun(folder, story_path, plan, model_info, options.overwrite)
-    todo = run.pending()
-    check_saved_banks(plan, loaded.model_id, (size.width, size.height))
-    if options.compile and story.consistency.history:
-        raise InvalidInput(
-            "--compile: rolling history (consistency.history) runs eagerly only; drop one"
-        )
-    frame_batch = options.frame_batch or default_frame_batch(loaded.pipe._execution_device)
-    owned = frames_of_shard(plan, frame_batch, split) if split.active else None
-    if owned is not None:
-        todo = [i for i in todo if i in owned]
     result = GenerateResult(
         folder,
         plan,
@@ -256,16 +274,15 @@ def generate_story(
         model_reused=reused,
         shard=split,
     )
-    if loaded.device.startswith("cuda"):
+    if info.device.startswith("cuda") and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
 
-    import diffusers
-    import transformers
+    from importlib.metadata import version  # not `import diffusers`: seconds, and not needed
 
     versions = {
         "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
+        "diffusers": version("diffusers"),
+        "transformers": version("transformers"),
     }
     # Before the manifest is rewritten: it is what proves those files are ours.
     if split.leader:
@@ -284,16 +301,15 @@ def generate_story(
         min_age_seconds=600.0 if split.active else 0.0,
     )
     loop: dict[str, Any] = {}  # what the story loop reports, when it runs
-    from .consistency.ip_adapter import attached_ip_adapter
+    if loaded is not None:
+        from .consistency.ip_adapter import attached_ip_adapter
 
-    # The adapter (if any) loads before anything is written; it must also come before CSA's
-    # processors, which the story loop installs (loading it resets every processor).
-    writers = save_writers(
-        plan, options.save_characters, loaded.model_id, (size.width, size.height)
-    )
-    photos = story.photos() if todo or writers else ()
-    with attached_ip_adapter(loaded.pipe, photos) as photo_inputs:
-        if todo or writers:
+        # The adapter (if any) loads before anything is written; it must also come before CSA's
+        # processors, which the story loop installs (loading it resets every processor).
+        with attached_ip_adapter(loaded.pipe, story.photos()) as photo_inputs:
+            writers = save_writers(
+                plan, options.save_characters, info.model_id, (size.width, size.height)
+            )
             run.write_manifest((size.width, size.height), versions, {}, complete=False)
             set_scheduler(loaded.pipe, story.scheduler)
             if hooks.on_start:
@@ -304,7 +320,7 @@ def generate_story(
             checkpoint_key = {
                 "frames": [run.keys[i] for i in rows],
                 "frame_batch": frame_batch,
-                "device": loaded.device,
+                "device": info.device,
                 "compiled": options.compile,
             }
             # Saving characters writes every step's bank as it is made: such a run starts at step
@@ -324,6 +340,8 @@ def generate_story(
                 if hooks.on_frame:
                     hooks.on_frame(index, path)
 
+            from .keyframes import generate_keyframes  # the model stack: only when it runs
+
             loop = generate_keyframes(
                 loaded.pipe,
                 plan,
@@ -337,10 +355,11 @@ def generate_story(
                 checkpoint=checkpoint,
                 save_banks=writers,
                 photos=photo_inputs,
+                decode_batch=options.decode_batch,
             )
             if checkpoint is not None:
                 checkpoint.remove()  # its frames are written
-    memory, memory_kind = peak_memory(loaded.device)
+    memory, memory_kind = peak_memory(info.device)
     result.generated = sorted(run.generated)
     result.others = [f.index for f in plan.frames if owned is not None and f.index not in owned]
     result.skipped = [

@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
@@ -18,7 +17,7 @@ from .consistency.csa import (
     BankSettings,
     CSASettings,
     CSAState,
-    compiled_unet,
+    compiled_blocks,
     csa_layers,
     installed_csa,
     windowed_unet,
@@ -27,60 +26,10 @@ from .consistency.ip_adapter import Photos
 from .consistency.one_prompt import one_prompt_conditioning
 from .consistency.saved_bank import BankWriter, SavedBank
 from .plan import GenerationCall, Plan, PlannedFrame
+from .schedule import RenderSize, calls_needed, default_frame_batch, story_chunks
 
 StepCallback = Callable[[int, int], None]  # (steps done in this call, total steps)
 FrameCallback = Callable[[int, Image.Image, float], None]  # (frame index, image, seconds)
-
-
-@dataclass(frozen=True)
-class RenderSize:
-    width: int
-    height: int
-
-
-def render_size(plan: Plan, long_side: int | None) -> RenderSize:
-    """The story's size, or scaled so the longer side is `long_side` (tiny model)."""
-    width, height = plan.story.width, plan.story.height
-    if long_side is None or max(width, height) <= long_side:
-        return RenderSize(width, height)
-    scale = long_side / max(width, height)
-    return RenderSize(
-        max(16, round(width * scale / 16) * 16), max(16, round(height * scale / 16) * 16)
-    )
-
-
-def calls_needed(
-    plan: Plan, todo: Iterable[int], characters: Iterable[str] = ()
-) -> list[GenerationCall]:
-    """The pipeline calls that must run to produce the frames in `todo` (and the banks of
-    `characters`, to save them).
-
-    A reference frame needs its character's write call; so does any frame that reads that
-    character's bank, even when the references themselves are already on disk.
-    """
-    todo = set(todo)
-    if plan.story.consistency.history:  # a read frame needs the read frames before it
-        todo |= {
-            j
-            for i in list(todo)
-            if plan.frames[i].role == "read"
-            for j in plan.history_before(i, every=True)
-        }
-    readers = {c for i in todo for c in plan.frames[i].characters} | set(characters)
-    return [
-        call
-        for call in plan.calls
-        if todo.intersection(call.frames) or (call.phase == "write" and call.character in readers)
-    ]
-
-
-def describe_call(call: GenerationCall) -> str:
-    numbers = ", ".join(str(i + 1) for i in call.frames)
-    if call.phase == "write":
-        return f"references of {call.character} (frames {numbers})"
-    if len(call.frames) > 1:
-        return f"frames {numbers}"
-    return f"frame {numbers}"
 
 
 @contextlib.contextmanager
@@ -123,65 +72,6 @@ def bank_settings(plan: Plan) -> BankSettings:
 # ------------------------------------------------------------------------------ story loop
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One UNet forward of every denoising step: the plan calls it runs together (a character's
-    write call, a window call, or up to `frame_batch` one-frame read or plain calls)."""
-
-    calls: tuple[GenerationCall, ...]
-    rows: tuple[int, ...]  # the frames' rows in the story loop's batch
-
-    @property
-    def phase(self) -> str:
-        return self.calls[0].phase
-
-    def describe(self) -> str:
-        if len(self.calls) == 1:
-            return describe_call(self.calls[0])
-        numbers = ", ".join(str(i + 1) for c in self.calls for i in c.frames)
-        return f"frames {numbers}"
-
-
-def default_frame_batch(device: torch.device) -> int:
-    """Frames per UNet forward for read and plain frames: 4 on a GPU (fills it better), 2 on a
-    CPU: the fastest CSA story per image measured there (`benchmarks/results/cpu-2026-12-02.md`),
-    and a read forward of 2 frames is no larger than the write forward of 2 or more references,
-    so the peak does not rise."""
-    return 4 if device.type in ("cuda", "mps") else 2
-
-
-def story_chunks(plan: Plan, calls: Iterable[GenerationCall], frame_batch: int) -> list[Chunk]:
-    """Each step's forwards in order: write and window calls on their own, then read calls
-    that read the same characters, and plain calls, `frame_batch` at a time."""
-    calls = list(calls)
-    row = {}
-    for call in calls:
-        for index in call.frames:
-            row[index] = len(row)
-    chunks: list[Chunk] = []
-    pending: dict[tuple[str, tuple[str, ...]], list[GenerationCall]] = {}
-
-    def flush(key: tuple[str, tuple[str, ...]]) -> None:
-        group = pending.pop(key, [])
-        if group:
-            chunks.append(Chunk(tuple(group), tuple(row[i] for c in group for i in c.frames)))
-
-    for call in calls:
-        if call.phase in ("write", "window"):
-            chunks.append(Chunk((call,), tuple(row[i] for i in call.frames)))
-            continue
-        key = (call.phase, plan.frames[call.frames[0]].characters if call.phase == "read" else ())
-        pending.setdefault(key, []).append(call)
-        # With rolling history a read frame reads the one before it at the same step: each
-        # runs in a forward of its own, in story order.
-        alone = call.phase == "read" and plan.story.consistency.history > 0
-        if len(pending[key]) == frame_batch or alone:
-            flush(key)
-    for key in list(pending):
-        flush(key)
-    return chunks
-
-
 @torch.inference_mode()
 def generate_keyframes(
     pipe: Any,
@@ -196,20 +86,22 @@ def generate_keyframes(
     checkpoint: LoopCheckpoint | None = None,
     save_banks: Mapping[str, BankWriter] | None = None,
     photos: Photos | None = None,
+    decode_batch: int = 1,
 ) -> dict[str, Any]:
     """Generate the frames in `todo`, all of a story's frames advancing together step by step.
 
-    At every step each character's references run together (write: they fill that step's
-    bank), then the other frames read that bank in chunks of `frame_batch`, then the bank is
-    dropped: it never holds more than one step. One scheduler steps the latents of every frame
-    as one batch. Each plan call keeps its own seeded noise and CSA draws, so frames equal the
-    per-call schedule's within float tolerance. Frames outside `todo` run only when a needed
-    frame depends on them (references), and are then not reported. `on_call(description)`
-    announces each chunk's forward, `on_step(step, steps)` each finished step. `save_banks`:
-    characters whose bank is written, step by step, as it is made (their write calls run even
-    when no frame needs them). `photos`: the IP-Adapter photos' embeddings, the adapter
-    loaded (`ip_adapter.attached_ip_adapter`). Returns what
-    the manifest records of the run.
+    At every step every character's references run in one forward (write: each character's
+    fill its bank of that step), then the other frames, of any characters, read those banks in
+    chunks of `frame_batch`, then the banks are dropped: they never hold more than one step.
+    One scheduler steps the latents of every frame as one batch. Each plan call keeps its own
+    seeded noise, text encoding and CSA draws, so frames equal the per-call schedule's within
+    float tolerance. Frames outside `todo` run only when a needed frame depends on them
+    (references), and are then not reported. `on_call(description)` announces each chunk's
+    forward, `on_step(step, steps)` each finished step. `save_banks`: characters whose bank
+    is written, step by step, as it is made (their write calls run even when no frame needs
+    them). `photos`: the IP-Adapter photos' embeddings, the adapter loaded
+    (`ip_adapter.attached_ip_adapter`). `decode_batch`: frames the VAE decodes at once.
+    Returns what the manifest records of the run.
     """
     todo = set(todo)
     story = plan.story
@@ -218,16 +110,22 @@ def generate_keyframes(
     cfg = story.guidance > 1 and unet.config.time_cond_proj_dim is None
     save_banks = save_banks or {}
     calls = calls_needed(plan, todo, save_banks)
-    frame_batch = frame_batch or default_frame_batch(device)
+    frame_batch = frame_batch or default_frame_batch(torch.device(device).type)
     chunks = story_chunks(plan, calls, frame_batch)
     frames = [plan.frames[i] for call in calls for i in call.frames]  # one row each
     started = time.perf_counter()
 
-    # 1. Prompts and SDXL's added conditioning (pooled text, size ids), a chunk at a time: batch
-    # composition moves float results, so a frame's embeddings depend only on its own chunk and
-    # a frame made again (its chunk alone) is bit-identical.
+    # 1. Prompts and SDXL's added conditioning (pooled text, size ids), a plan call at a time:
+    # batch composition moves float results, so a frame's embeddings depend only on its own
+    # call, whichever calls share its forward, and a frame made again is bit-identical.
     inputs = [
-        text_conditioning(pipe, plan, [frames[r] for r in chunk.rows], size, cfg)
+        chunk_inputs(
+            [
+                text_conditioning(pipe, plan, [plan.frames[i] for i in c.frames], size, cfg)
+                for c in chunk.calls
+            ],
+            cfg,
+        )
         for chunk in chunks
     ]
     dtype = inputs[0][0].dtype
@@ -258,7 +156,6 @@ def generate_keyframes(
             csa_settings(plan),
             csa_layers(unet, story.consistency.blocks),
             bank_settings(plan),
-            compiled=compile_backend is not None,
         )
         guard = installed_csa(unet, state)
         for name in plan.banks:
@@ -266,7 +163,7 @@ def generate_keyframes(
     saved_banks = {name: SavedBank(Path(folder)) for name, (folder, _) in plan.banks.items()}
     compiling: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if compile_backend is not None:
-        compiling = compiled_unet(unet, compile_backend)
+        compiling = compiled_blocks(unet, compile_backend)
 
     history = story.consistency.history > 0
     with guard, compiling, freeu_enabled(pipe, plan):
@@ -346,10 +243,11 @@ def generate_keyframes(
                     )[0]
                 if state is not None:
                     state.leave()
-                    character = chunk.calls[0].character or ""
-                    layers = state.bank.get(character, {}).get(step)
-                    if chunk.phase == "write" and character in save_banks and layers is not None:
-                        save_banks[character].save_step(step, layers)  # as it is made
+                    for call in chunk.calls:  # saved characters: each step's bank as it is made
+                        writer = save_banks.get(call.character or "")
+                        layers = state.bank.get(call.character or "", {}).get(step)
+                        if call.phase == "write" and writer is not None and layers is not None:
+                            writer.save_step(step, layers)
                 if cfg:
                     uncond, cond = pred.chunk(2)
                     pred = uncond + story.guidance * (cond - uncond)
@@ -373,13 +271,26 @@ def generate_keyframes(
         for writer in save_banks.values():
             writer.finish()
 
-        # 7. Decode, a chunk at a time (bounded memory), and hand each frame over.
+        # 7. Decode `decode_batch` frames at a time and hand each frame over. The VAE's
+        # activations at full size (in float32 when it is upcast), not the denoising loop, set
+        # the story's peak: it is bounded by the batch, not the story's length. What only the
+        # loop needed goes first.
+        del noise_pred
+        inputs.clear()
+        if latents.device.type == "cuda":
+            torch.cuda.empty_cache()
         seconds = (time.perf_counter() - started) / len(frames)
-        for chunk in chunks:
-            rows = [r for r in chunk.rows if frames[r].index in todo and r not in picture_rows]
-            images = decode_latents(pipe, latents[rows]) if rows else []
-            for r, image in zip(rows, images, strict=True):
-                on_frame(frames[r].index, image, seconds)
+        rows = [
+            r
+            for chunk in chunks
+            for r in chunk.rows
+            if frames[r].index in todo and r not in picture_rows
+        ]
+        with vae_upcast(pipe.vae, "decoder"):  # once for every frame
+            for at in range(0, len(rows), decode_batch):
+                batch = rows[at : at + decode_batch]
+                for r, image in zip(batch, decode_latents(pipe, latents[batch]), strict=True):
+                    on_frame(frames[r].index, image, seconds)
         for r in picture_rows:
             if frames[r].index in todo:
                 with Image.open(frames[r].picture) as picture:  # type: ignore[arg-type]
@@ -447,6 +358,25 @@ def text_conditioning(
     return text, {"text_embeds": pooled, "time_ids": ids}, mask
 
 
+def chunk_inputs(
+    calls: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]], cfg: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """The text inputs of the calls sharing a forward, as one batch: under CFG each call's
+    unconditional rows, then each call's conditional rows (the order of the latents)."""
+
+    def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        if not cfg:
+            return torch.cat(parts)
+        halves = [part.chunk(2) for part in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+
+    text = join([c[0] for c in calls])
+    added = {key: join([c[1][key] for c in calls]) for key in calls[0][1]}
+    masks = [c[2] for c in calls]
+    mask = None if any(m is None for m in masks) else join(masks)  # type: ignore[arg-type]
+    return text, added, mask
+
+
 def initial_noise(
     pipe: Any, frames: list[PlannedFrame], size: RenderSize, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -478,6 +408,28 @@ def latent_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     )
 
 
+@contextlib.contextmanager
+def vae_upcast(vae: Any, side: Literal["decoder", "encoder"]) -> Iterator[None]:
+    """One side of a float16 VAE whose config asks for it (`force_upcast`: SDXL's own VAE
+    overflows in float16) in float32 for the duration, float16 again after (the pipeline is
+    reused). Diffusers' SDXL pipeline casts the whole VAE; only these parts run, so the pixels
+    are the same. An fp16-safe VAE (`force_upcast: false`) is left alone; so is a side already
+    upcast by an enclosing call."""
+    names = ("post_quant_conv", "decoder") if side == "decoder" else ("encoder", "quant_conv")
+    parts = [part for name in names if (part := getattr(vae, name)) is not None]
+    upcast = bool(vae.config.force_upcast) and next(parts[0].parameters()).dtype == torch.float16
+    if not upcast:
+        yield
+        return
+    for part in parts:
+        part.to(torch.float32)
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.to(torch.float16)
+
+
 def encode_pictures(pipe: Any, paths: list[str | None], size: RenderSize) -> list[torch.Tensor]:
     """Pictures → their clean latents at the render size (centre-cropped to its aspect ratio),
     the VAE's mean as diffusers' img2img takes it, scaled as `decode_latents` unscales."""
@@ -485,45 +437,39 @@ def encode_pictures(pipe: Any, paths: list[str | None], size: RenderSize) -> lis
         return []
     vae = pipe.vae
     device = get_module_execution_device(vae)
-    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        pipe.upcast_vae()
-    dtype = next(iter(vae.encoder.parameters())).dtype
     out = []
-    for path in paths:
-        with Image.open(path) as picture:  # type: ignore[arg-type]
-            image = ImageOps.fit(picture.convert("RGB"), (size.width, size.height))
-        pixels = pipe.image_processor.preprocess(image).to(device, dtype)
-        latents = vae.encode(pixels).latent_dist.mean
-        stats = latent_stats(vae, latents)
-        if stats is not None:
-            mean, std = stats
-            latents = (latents - mean) * vae.config.scaling_factor / std
-        else:
-            latents = latents * vae.config.scaling_factor
-        out.append(latents[0].to(pipe.unet.dtype))
-    if upcast:
-        vae.to(dtype=torch.float16)
+    with vae_upcast(vae, "encoder"):
+        dtype = next(iter(vae.encoder.parameters())).dtype
+        for path in paths:
+            with Image.open(path) as picture:  # type: ignore[arg-type]
+                image = ImageOps.fit(picture.convert("RGB"), (size.width, size.height))
+            pixels = pipe.image_processor.preprocess(image).to(device, dtype)
+            latents = vae.encode(pixels).latent_dist.mean
+            stats = latent_stats(vae, latents)
+            if stats is not None:
+                mean, std = stats
+                latents = (latents - mean) * vae.config.scaling_factor / std
+            else:
+                latents = latents * vae.config.scaling_factor
+            out.append(latents[0].to(pipe.unet.dtype))
     return out
 
 
 def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """Latents → PIL images exactly as the SDXL pipeline decodes them (fp16 VAE upcast, latent
-    mean/std when the VAE has them, watermark when installed)."""
+    """Latents → PIL images exactly as the SDXL pipeline decodes them (the decoder in float32
+    when the VAE asks for it, see `vae_upcast`; latent mean/std when the VAE has them;
+    watermark when installed)."""
     vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        pipe.upcast_vae()
-        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-    stats = latent_stats(vae, latents)
-    if stats is not None:
-        mean, std = stats
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
-    if upcast:
-        vae.to(dtype=torch.float16)
+    first = vae.post_quant_conv if vae.post_quant_conv is not None else vae.decoder
+    with vae_upcast(vae, "decoder"):
+        latents = latents.to(next(iter(first.parameters())).dtype)
+        stats = latent_stats(vae, latents)
+        if stats is not None:
+            mean, std = stats
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
     if getattr(pipe, "watermark", None) is not None:
         image = pipe.watermark.apply_watermark(image)
     return pipe.image_processor.postprocess(image, output_type="pil")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Configs
-from .story import local_model_path
+from .story import weights_identity
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -20,8 +20,7 @@ def model_identity(model: str, configs: Configs, base_dir: Path | None = None) -
     file or folder's resolved path, or a hub id."""
     if model in configs.presets:
         return f"preset:{model}"
-    local = local_model_path(model, base_dir or Path.cwd())
-    return str(local.resolve()) if local is not None else model
+    return weights_identity(model, base_dir or Path.cwd())
 
 
 @dataclass
@@ -43,7 +42,12 @@ class ModelCache:
         **options: Any,
     ) -> tuple[LoadedModel, bool]:
         """(the loaded model, whether it was reused); `options` as for `load_pipeline`."""
-        key = (model_identity(model, configs, base_dir), *sorted(options.items()))
+        vae = options.get("vae")  # a path relative to the story: keyed by what it names
+        key = (
+            model_identity(model, configs, base_dir),
+            vae and weights_identity(vae, base_dir or Path.cwd()),
+            *sorted((name, value) for name, value in options.items() if name != "vae"),
+        )
         if key == self._key and self._loaded is not None:
             return self._loaded, True
         self.clear()

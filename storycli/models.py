@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 
 from .config import SCHEDULERS, Configs
 from .errors import InvalidInput, RuntimeProblem
-from .story import local_model_path
+from .story import local_model_path, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ class ModelUnavailable(RuntimeProblem):
 
 
 @dataclass
-class LoadedModel:
-    pipe: Any  # diffusers.StableDiffusionXLPipeline
+class ModelInfo:
+    """What a `model:` value resolves to, known without loading it (`resolve_model`): what
+    frame keys and the manifest record."""
+
     model_id: str  # preset source, hub id or absolute path
     revision: str | None  # hub commit of the cached snapshot, when known
     preset: str | None
@@ -41,13 +44,15 @@ class LoadedModel:
     long_side: int | None  # render size cap (tiny preset)
     device: str
     dtype: str
+    vae: str | None = None  # the VAE replacing the model's own: hub id or absolute path
+    vae_revision: str | None = None
 
     @property
     def label(self) -> str:
         return "tiny random model" if self.tiny else self.model_id
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.model_id,
             "revision": self.revision,
             "preset": self.preset,
@@ -55,6 +60,25 @@ class LoadedModel:
             "device": self.device,
             "dtype": self.dtype,
         }
+        if self.vae is not None:  # only then: frames made with the model's own VAE keep keys
+            out |= {"vae": self.vae, "vae_revision": self.vae_revision}
+        return out
+
+
+@dataclass(kw_only=True)
+class LoadedModel(ModelInfo):
+    pipe: Any  # diffusers.StableDiffusionXLPipeline
+
+
+def clip_image_processor_class() -> Any:
+    """CLIP's image processor, the PIL backend where transformers has it: the same numbers with
+    or without torchvision (which has no CPU build on the project's machines), so embeddings and
+    caches mean the same everywhere."""
+    import transformers
+
+    # Not getattr's default: touching CLIPImageProcessor without torchvision logs a warning.
+    pil = getattr(transformers, "CLIPImageProcessorPil", None)
+    return pil if pil is not None else transformers.CLIPImageProcessor
 
 
 def resolve_device(device: str) -> str:
@@ -295,16 +319,17 @@ def quiet_loading() -> Iterator[None]:
 
 
 def weights_variant(folder: Path, preferred: str | None = None) -> str | None:
-    """The `variant` to load a diffusers folder with: `preferred` when its files are there; None
-    when every component has plain weights; else the one variant all of them have.
-    `save_pretrained(variant="fp16")` leaves only `*.fp16.safetensors` files, which diffusers
-    finds only when told the variant."""
+    """The `variant` to load a diffusers folder (a pipeline's, or one model's such as a VAE)
+    with: `preferred` when its files are there; None when every component has plain weights;
+    else the one variant all of them have. `save_pretrained(variant="fp16")` leaves only
+    `*.fp16.safetensors` files, which diffusers finds only when told the variant."""
     pattern = re.compile(
         r"(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(?P<variant>\w+))?"
         r"(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)"
     )
     found: list[set[str | None]] = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+    subs = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else []
+    for sub in subs:
         kinds = {m["variant"] for f in sub.iterdir() if (m := pattern.fullmatch(f.name))}
         if kinds:
             found.append(kinds)
@@ -406,6 +431,87 @@ def place_pipeline(pipe: Any, device: str, offload: Offload) -> None:
         pipe.to(device)
 
 
+def resolve_model(
+    model: str,
+    configs: Configs | None = None,
+    base_dir: Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    offload: Offload = "none",
+    vae: str | None = None,
+) -> ModelInfo:
+    """What `load_pipeline` with these arguments gives, without loading anything: the source,
+    the cached snapshot's commit, device and dtype (refusing ones this machine cannot honour),
+    the VAE (`vae`, else the preset's). `LoadedModel.describe()` is this one's."""
+    configs = configs or Configs()
+    base_dir = base_dir or Path.cwd()
+    device = resolve_device(device)
+    check_offload(offload, device)
+    torch_dtype = resolve_dtype(dtype, device)
+    preset = configs.presets.get(model)
+    source = preset.source if preset else model
+    revision = None
+    if preset is None and (local := local_model_path(model, base_dir)):
+        source = str(local.resolve())
+    elif source != "tiny":
+        revision = hub_revision(source)
+    if vae is None and preset is not None and preset.vae is not None:
+        vae, base_dir = preset.vae, configs.root  # a preset's path: relative to its file
+    vae_revision = None
+    if vae is not None:
+        vae = weights_identity(vae, base_dir)
+        if not Path(vae).is_absolute():
+            vae_revision = hub_revision(vae, "config.json")
+    return ModelInfo(
+        model_id=source,
+        revision=revision,
+        preset=preset.name if preset else None,
+        tiny=source == "tiny",
+        long_side=preset.long_side if preset else None,
+        device=device,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        vae=vae,
+        vae_revision=vae_revision,
+    )
+
+
+def load_vae(vae: str, pipe: Any, torch_dtype: torch.dtype) -> Any:
+    """The AutoencoderKL of a `vae:` value as `resolve_model` resolved it: a hub id (cache
+    first), a diffusers VAE folder, or one .safetensors file, built with the model's own VAE
+    config (a file has none: that config's `force_upcast` then decides the upcast)."""
+    from diffusers import AutoencoderKL
+
+    preferred = "fp16" if torch_dtype == torch.float16 else None
+    path = Path(vae)
+    if not path.is_absolute():
+
+        def load(local_only: bool) -> Any:
+            snapshot = cached_snapshot(vae) if local_only else None
+            variant = weights_variant(snapshot, preferred) if snapshot else None
+            return AutoencoderKL.from_pretrained(
+                vae, dtype=torch_dtype, variant=variant, local_files_only=local_only
+            )
+
+        instead = ", or set `vae:` to a local VAE folder or .safetensors file"
+        return from_hub(load, HubWeights(f"The VAE '{vae}'", vae, vae, instead))
+    try:
+        with quiet_loading():
+            if path.is_dir():
+                return AutoencoderKL.from_pretrained(
+                    vae,
+                    dtype=torch_dtype,
+                    variant=weights_variant(path, preferred),
+                    local_files_only=True,
+                )
+            with tempfile.TemporaryDirectory() as config:
+                pipe.vae.save_config(config)
+                return AutoencoderKL.from_single_file(
+                    vae, config=config, dtype=torch_dtype, local_files_only=True
+                )
+    except load_errors() as exc:
+        raise ModelUnavailable(f"Cannot load the VAE '{vae}': {short_reason(exc)}") from exc
+
+
 def load_pipeline(
     model: str,
     configs: Configs | None = None,
@@ -415,27 +521,29 @@ def load_pipeline(
     offload: Offload = "none",
     vae_slicing: bool = False,
     vae_tiling: bool = False,
+    vae: str | None = None,
 ) -> LoadedModel:
-    """Load an SDXL pipeline for `model` and place it on `device` with the memory options."""
+    """Load an SDXL pipeline for `model` (with `vae` replacing its VAE, see `resolve_model`)
+    and place it on `device` with the memory options."""
     from diffusers import StableDiffusionXLPipeline
 
     configs = configs or Configs()
-    device = resolve_device(device)
-    check_offload(offload, device)
-    torch_dtype = resolve_dtype(dtype, device)
+
+    def resolved() -> ModelInfo:
+        return resolve_model(model, configs, base_dir, device, dtype, offload, vae)
+
+    info = resolved()
+    torch_dtype = DTYPES[info.dtype]
     preset = configs.presets.get(model)
-    source = preset.source if preset else model
-    revision = None
-    tiny = source == "tiny"
+    source = info.model_id
 
     try:
-        if tiny:
+        if info.tiny:
             from .tiny import build_tiny_sdxl_pipeline
 
             pipe = build_tiny_sdxl_pipeline(torch_dtype)
-        elif preset is None and (local := local_model_path(model, base_dir or Path.cwd())):
-            path = local.resolve()
-            source = str(path)
+        elif Path(source).is_absolute():
+            path = Path(source)
             if path.is_file():
                 pipe = _load_single_file(path, torch_dtype)
             else:
@@ -458,27 +566,20 @@ def load_pipeline(
             what = f"Model '{model}'" + (f" ({source})" if source != model else "")
             instead = ", or set `model:` to a local diffusers folder or .safetensors file"
             pipe = from_hub(load, HubWeights(what, source, source, instead))
-            revision = hub_revision(source)
     except ModelUnavailable:
         raise
     except load_errors() as exc:
         raise _unavailable(model, source, exc) from exc
+    if info.vae is not None:
+        pipe.vae = load_vae(info.vae, pipe, torch_dtype)
 
-    place_pipeline(pipe, device, offload)
+    place_pipeline(pipe, info.device, offload)
     if vae_slicing:
         pipe.vae.enable_slicing()
     if vae_tiling:
         pipe.vae.enable_tiling()
-    return LoadedModel(
-        pipe=pipe,
-        model_id=source,
-        revision=revision,
-        preset=preset.name if preset else None,
-        tiny=tiny,
-        long_side=preset.long_side if preset else None,
-        device=device,
-        dtype=str(torch_dtype).removeprefix("torch."),
-    )
+    # Resolved again: a download during the load has put a snapshot (its revision) in the cache.
+    return LoadedModel(pipe=pipe, **vars(resolved()))
 
 
 def set_scheduler(pipe: Any, name: str) -> None:

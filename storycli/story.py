@@ -246,6 +246,7 @@ Size = Annotated[int, Field(ge=64, le=4096)]
 class Story(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     model: str = Field(min_length=1)
+    vae: str | None = Field(default=None, min_length=1)  # replaces the model's: hub id, path
     style: str | None = None
     identity: str | None = Field(default=None, min_length=1)
     characters: dict[str, Annotated[str, Field(min_length=1)] | CharacterSpec] | None = None
@@ -606,6 +607,32 @@ def local_model_path(model: str, base_dir: Path) -> Path | None:
     return path if is_model_path(model) or path.exists() else None
 
 
+def weights_identity(value: str, base_dir: Path) -> str:
+    """A `model:`/`vae:` value as what it loads: a local file or folder's resolved path, else
+    the value itself (a hub id)."""
+    local = local_model_path(value, base_dir)
+    return str(local.resolve()) if local is not None else value
+
+
+def check_vae(vae: str, base_dir: Path) -> str | None:
+    """Return a problem with a `vae` value, or None. Hub ids are not checked here."""
+    path = local_model_path(vae, base_dir)
+    if path is not None:
+        if not path.exists():
+            return f"VAE file or folder '{vae}' does not exist (looked at {path}); fix the path"
+        if path.is_dir() and not (path / "config.json").is_file():
+            return f"'{vae}' is a folder without config.json, not a diffusers VAE folder"
+        if path.is_file() and not path.name.lower().endswith(MODEL_FILE_SUFFIXES):
+            return f"'{vae}' is a file but not a .safetensors or .ckpt VAE"
+        return None
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", vae):
+        return None  # a hub id; whether it is cached is known only when loading
+    return (
+        f"unknown VAE '{vae}': use a hub id like madebyollin/sdxl-vae-fp16-fix, a local "
+        "diffusers VAE folder or a .safetensors file"
+    )
+
+
 def check_model(model: str, configs: Configs, base_dir: Path) -> str | None:
     """Return a problem with a `model` value, or None. Hub ids are not checked here."""
     if model in configs.presets:
@@ -638,6 +665,8 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
 
     if (problem := check_model(story.model, configs, base_dir)) is not None:
         problems.append((("model",), problem))
+    if story.vae is not None and (problem := check_vae(story.vae, base_dir)) is not None:
+        problems.append((("vae",), problem))
     if story.style is not None and story.style not in configs.styles:
         problems.append(
             (

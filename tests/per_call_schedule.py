@@ -13,23 +13,20 @@ import torch
 
 from storycli.consistency.csa import (
     CSAState,
-    compiled_unet,
     csa_layers,
     installed_csa,
     windowed_unet,
 )
 from storycli.keyframes import (
     FrameCallback,
-    RenderSize,
     StepCallback,
     bank_settings,
-    calls_needed,
     csa_settings,
-    describe_call,
     freeu_enabled,
     initial_noise,
 )
 from storycli.plan import Plan
+from storycli.schedule import Chunk, RenderSize, calls_needed, describe_call
 
 
 def generate_keyframes_per_call(
@@ -40,7 +37,6 @@ def generate_keyframes_per_call(
     on_frame: FrameCallback,
     on_step: StepCallback | None = None,
     on_call: Callable[[str], None] | None = None,
-    compile_backend: str | None = None,
 ) -> None:
     """The per-call schedule: one full `pipe(...)` denoising loop per plan call, the bank kept
     for every step until the story is done. The reference `generate_keyframes` is tested
@@ -55,14 +51,9 @@ def generate_keyframes_per_call(
             csa_settings(plan),
             csa_layers(pipe.unet, story.consistency.blocks),
             bank_settings(plan),
-            compiled=compile_backend is not None,
         )
         guard = installed_csa(pipe.unet, state)
-    compiling: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if compile_backend is not None:
-        compiling = compiled_unet(pipe.unet, compile_backend)
-
-    with guard, compiling, freeu_enabled(pipe, plan), torch.inference_mode():
+    with guard, freeu_enabled(pipe, plan), torch.inference_mode():
         for call in calls:
             frames = [plan.frames[i] for i in call.frames]
             if on_call is not None:
@@ -109,3 +100,13 @@ def generate_keyframes_per_call(
             for frame, image in zip(frames, images, strict=True):
                 if frame.index in todo:
                     on_frame(frame.index, image, seconds)
+
+
+def one_call_a_forward(plan: Plan, calls: Iterable[Any], frame_batch: int) -> list[Chunk]:
+    """`story_chunks` as it was before forwards were batched across characters: every plan
+    call in a forward of its own (monkeypatch `storycli.keyframes.story_chunks` with it). The
+    batched schedule is tested against it where the per-call schedule lacks a feature
+    (pictures, IP-Adapter photos)."""
+    calls = list(calls)
+    rows = {index: row for row, index in enumerate(i for c in calls for i in c.frames)}
+    return [Chunk((call,), tuple(rows[i] for i in call.frames)) for call in calls]

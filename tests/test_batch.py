@@ -30,8 +30,8 @@ from storycli.batch.shard import Shard, ShardError, assign, parse_shard, shard_f
 from storycli.batch.split import frames_of_shard
 from storycli.config import Configs
 from storycli.errors import EXIT_INVALID, EXIT_OK, EXIT_RUNTIME, EXIT_SOME_FAILED
-from storycli.keyframes import story_chunks
 from storycli.plan import build_plan
+from storycli.schedule import story_chunks
 from storycli.story import load_story
 
 REPO = Path(__file__).resolve().parent.parent

@@ -881,3 +881,67 @@ def test_killed_run_resumes_from_its_checkpoint_with_identical_pixels(tmp_path: 
     for name in PAIR_FILES[:5]:
         assert np.array_equal(pixels(out / "pair" / name), pixels(whole / "pair" / name)), name
     assert not [p.name for p in (out / "pair").iterdir() if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------ nothing to do: no model load
+
+
+def test_rerun_with_nothing_to_do_loads_no_model(
+    fresh: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import storycli.models
+
+    loads: list[str] = []
+    real = storycli.models.load_pipeline
+
+    def refuse(model: str, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a pipeline was loaded for frames that are written")
+
+    monkeypatch.setattr(storycli.models, "load_pipeline", refuse)
+    folder = fresh["folder"]
+    (folder / "grid.png").unlink()  # still rewritten, as are the manifest and the pages
+    before = mtimes(folder)
+    result = run_cli("generate", fresh["story"], "--out", fresh["out"], "--json")
+    summary = json.loads(result.stdout)
+    assert set(statuses(summary).values()) == {"skipped"}
+    assert summary["model"]["id"] == "tiny" and summary["model_reused"] is False
+    assert (folder / "grid.png").is_file()
+    after = mtimes(folder)
+    assert all(after[name] == before[name] for name in PAIR_FILES)
+    assert after["manifest.json"] != before["manifest.json"]
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["complete"] is True and manifest["model"] == summary["model"]
+    human = run_cli("generate", fresh["story"], "--out", fresh["out"])
+    assert "0 frame(s) generated, 6 unchanged" in " ".join(human.stderr.split())
+
+    # A changed frame loads the model, once.
+    def counted(model: str, *args: Any, **kwargs: Any) -> Any:
+        loads.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(storycli.models, "load_pipeline", counted)
+    story = pair_story()
+    story["frames"][5]["prompt"] = "[Bob] swims in the river"
+    write_story(fresh["story"], story)
+    assert generated(generate_json(fresh["story"], fresh["out"])) == {6}
+    assert loads == ["tiny"]
+
+
+def test_rerun_with_nothing_to_do_imports_no_model_stack(fresh: dict[str, Any]) -> None:
+    """The no-op rerun decides from the manifest without importing diffusers (seconds of
+    imports: the rerun is meant to take about as long as starting Python and torch)."""
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('stack:', sorted(m for m in ('diffusers', 'transformers')"
+        " if m in sys.modules)))\n"
+        "sys.argv = ['storydiff', *sys.argv[1:]]\n"
+        "from storycli.cli import main\n"
+        "main()\n"
+    )
+    args = ["generate", str(fresh["story"]), "--out", str(fresh["out"])]
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "stack: []" in result.stdout
+    assert "0 frame(s) generated, 6 unchanged" in " ".join(result.stderr.split())

@@ -15,8 +15,8 @@ from test_generate import pixels, run_cli
 from storycli.batch.shard import Shard
 from storycli.batch.split import frames_of_shard
 from storycli.config import Configs
-from storycli.keyframes import calls_needed, story_chunks
 from storycli.plan import build_plan
+from storycli.schedule import calls_needed, story_chunks
 from storycli.story import load_story
 
 pytestmark = pytest.mark.usefixtures("one_thread")

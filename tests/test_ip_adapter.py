@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from per_call_schedule import one_call_a_forward
 from PIL import Image
 from test_generate import pixels, run_cli
 
@@ -160,6 +161,33 @@ def test_a_characters_photo_conditions_only_the_frames_that_show_it(tmp_path: Pa
         assert not np.array_equal(both[i], only_mara[i])
     for i in (*MARA, STREET):
         np.testing.assert_array_equal(both[i], only_mara[i])
+
+
+def test_photo_rows_in_shared_forwards_equal_one_call_a_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each character's photo masks only its rows when both characters' references share the
+    write forward and their frames share read forwards: the same frames (within float
+    rounding) as every call in a forward of its own."""
+    photo(tmp_path / "a.png", 0)
+    photo(tmp_path / "b.png", 1)
+    path = cast_story(
+        tmp_path,
+        "cast",
+        {
+            "Mara": {"image": "a.png", "model": "tiny", "scale": 1.0},
+            "Ollie": {"image": "b.png", "model": "tiny", "scale": 0.7},
+        },
+    )
+    run_cli("generate", path, "--out", tmp_path / "batched", "--frame-batch", "4")
+    monkeypatch.setattr("storycli.keyframes.story_chunks", one_call_a_forward)
+    run_cli("generate", path, "--out", tmp_path / "alone", "--frame-batch", "4")
+    batched, alone = (
+        all_frames(tmp_path / "batched", "cast"),
+        all_frames(tmp_path / "alone", "cast"),
+    )
+    for i in range(7):
+        assert np.abs(batched[i].astype(int) - alone[i].astype(int)).max() <= 2, i
 
 
 def test_adding_a_characters_photo_regenerates_only_its_frames(tmp_path: Path) -> None:

@@ -756,3 +756,36 @@ def test_cli_sequential_offload_on_cpu_exits_2(tmp_path: Path, command: str) -> 
 def test_model_offload_works_on_cpu(hub_offline: None) -> None:
     loaded = load_pipeline("tiny", device="cpu", offload="model")
     one_step(loaded.pipe)
+
+
+# ----------------------------------------------------- what a model resolves to, unloaded
+
+
+def test_resolved_description_is_the_loaded_ones(
+    hub_cache: Path, tiny_folder: Path, single_file: dict[str, Path]
+) -> None:
+    """`generate` keys frames with the description it has without loading; a load must not
+    change it."""
+    from storycli.models import resolve_model
+
+    hub_repo(hub_cache, SDXL_BASE, single_file["configs"], patterns=("*.json", "*.txt"))
+    for model in ("tiny", str(tiny_folder), str(single_file["checkpoint"])):
+        resolved = resolve_model(model, device="cpu")
+        loaded = load_pipeline(model, device="cpu")
+        assert resolved.describe() == loaded.describe(), model
+        assert resolved.long_side == loaded.long_side
+    assert resolve_model("tiny", device="cpu").describe()["preset"] == "tiny"
+    assert resolve_model(str(tiny_folder), device="cpu").model_id == str(tiny_folder)
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument")  # the CLI hides it
+def test_vae_from_the_hub_cache_records_its_revision(hub_cache: Path, tiny_folder: Path) -> None:
+    from storycli.models import resolve_model
+
+    hub_repo(hub_cache, "tiny-org/tiny-vae", tiny_folder / "vae")
+    loaded = load_pipeline("tiny", device="cpu", vae="tiny-org/tiny-vae")
+    described = loaded.describe()
+    assert described["vae"] == "tiny-org/tiny-vae" and described["vae_revision"] == COMMIT
+    assert described == resolve_model("tiny", device="cpu", vae="tiny-org/tiny-vae").describe()
+    assert loaded.pipe.vae.config._name_or_path == "tiny-org/tiny-vae"  # not the built-in one
+    one_step(loaded.pipe)

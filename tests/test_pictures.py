@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from per_call_schedule import one_call_a_forward
 from PIL import Image
 from test_generate import pixels, run_cli
 
@@ -131,6 +132,42 @@ def test_a_characters_image_is_its_first_solo_frame(tmp_path: Path) -> None:
         pixels(tmp_path / "out" / "pair" / "frame_04.png"),
         pixels(tmp_path / "out" / "pair-plain" / "frame_04.png"),
     )
+
+
+def test_a_picture_row_in_the_shared_write_forward_equals_one_call_a_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ann's picture and Bob's references run in one write forward, her frames and his read
+    frames and the [NC] frame in shared read forwards: the same frames (within float rounding)
+    as every call in a forward of its own."""
+    picture(tmp_path / "ann.png", 3)
+    path = story(
+        tmp_path,
+        "pair",
+        start_image=None,
+        identity=None,
+        characters={
+            "Ann": {"description": "a woman with red hair", "image": "ann.png"},
+            "Bob": "a man with a hat",
+        },
+        frames=[
+            "[Bob] reads",
+            "[Ann] walks",
+            "[Ann] and [Bob] talk",
+            "[NC] a street",
+            "[Bob] sings",
+        ],
+    )
+    data = yaml.safe_load(path.read_text())
+    del data["identity"], data["start_image"]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    run_cli("generate", path, "--out", tmp_path / "batched", "--frame-batch", "4")
+    monkeypatch.setattr("storycli.keyframes.story_chunks", one_call_a_forward)
+    run_cli("generate", path, "--out", tmp_path / "alone", "--frame-batch", "4")
+    for i in range(1, 6):
+        batched = pixels(tmp_path / "batched" / "pair" / f"frame_0{i}.png").astype(int)
+        alone = pixels(tmp_path / "alone" / "pair" / f"frame_0{i}.png").astype(int)
+        assert np.abs(batched - alone).max() <= 2, i
 
 
 @pytest.mark.parametrize(

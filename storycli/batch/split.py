@@ -10,8 +10,8 @@ every frame, so it cannot be shared: the leader makes it whole.
 
 from __future__ import annotations
 
-from ..keyframes import story_chunks
 from ..plan import Plan
+from ..schedule import story_chunks
 from .shard import Shard
 
 

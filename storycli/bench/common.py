@@ -19,6 +19,7 @@ import yaml
 from ..atomic import atomic_write_text
 from ..errors import InvalidInput
 from ..generate import GenerateOptions, Hooks
+from ..model_cache import ModelCache
 from ..story import is_model_path
 from . import BENCH_METHODS
 
@@ -66,20 +67,6 @@ class Generated:
     record: dict[str, Any]
     kept: bool  # done in an earlier run: nothing was generated (or loaded) now
     generated: int = 0
-
-
-@dataclass
-class ModelHolder:
-    """One generate ModelCache for the whole benchmark (the pipeline loads once)."""
-
-    cache: Any = None
-
-    def get(self) -> Any:
-        if self.cache is None:
-            from ..model_cache import ModelCache
-
-            self.cache = ModelCache()
-        return self.cache
 
 
 def check_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
@@ -174,7 +161,7 @@ def generate(
     out: Path,
     name: str,
     previous: dict[str, Any] | None,
-    models: ModelHolder,
+    models: ModelCache,
     hooks: BenchHooks,
 ) -> Generated:
     """Generate (or resume) one story into `out/name`; its generation record.
@@ -191,7 +178,7 @@ def generate(
         return Generated(folder, last, kept=True)
     with (hooks.story or _no_hooks)() as story_hooks:
         result = generate_story(
-            story_path, generate_options(options, out), None, story_hooks, None, models.get()
+            story_path, generate_options(options, out), None, story_hooks, None, models
         )
     manifest = read_json(folder / "manifest.json") or {}
     seconds = [

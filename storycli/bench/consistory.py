@@ -23,11 +23,12 @@ import yaml
 from .. import __version__
 from ..atomic import atomic_write_text
 from ..evaluate import DEFAULT_CLIP
+from ..model_cache import ModelCache
 from .common import (
+    SCHEMA_VERSION,
     BenchError,
     BenchHooks,
     BenchOptions,
-    ModelHolder,
     check_methods,
     generate,
     model_value,
@@ -195,7 +196,7 @@ def run_consistory(
     every = load_sets(sets_file)
     chosen = take(every, options.limit)
     check_writable_folder(options.out, "--out")
-    models = ModelHolder()
+    models = ModelCache()
     loaded: dict[str, Any] = {}
 
     def clip_model() -> Any:
@@ -236,7 +237,7 @@ def run_consistory(
             keyframes = document["keyframes"]
             dreamsim = keyframes["dreamsim"]
             record = {
-                "schema_version": 1,
+                "schema_version": SCHEMA_VERSION,
                 "set": prompt_set.id,
                 "category": prompt_set.category,
                 "method": method,
@@ -261,7 +262,7 @@ def run_consistory(
                 hooks.on_done(label, record)
     clip_info = loaded["clip"].describe() if "clip" in loaded else {"id": clip}
     results = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "benchmark": "consistory-plus",
         "storydiff_version": __version__,
         "updated": time.strftime("%Y-%m-%d %H:%M:%S%z"),

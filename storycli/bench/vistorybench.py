@@ -34,12 +34,13 @@ from typing import Any
 
 from .. import __version__
 from ..atomic import atomic_write_bytes
+from ..model_cache import ModelCache
 from ..story import StoryError
 from .common import (
+    SCHEMA_VERSION,
     BenchError,
     BenchHooks,
     BenchOptions,
-    ModelHolder,
     check_methods,
     generate,
     model_value,
@@ -330,7 +331,7 @@ def run_vistorybench(
     check_writable_folder(options.out, "--out")
     state = read_json(options.out / STATE) or {}
     stamps: dict[str, str] = dict(state.get("timestamps") or {})
-    models = ModelHolder()
+    models = ModelCache()
     done: dict[str, Any] = dict(state.get("stories") or {})
     failed: list[str] = []
     count, number = len(methods) * len(loaded), 0
@@ -381,7 +382,7 @@ def run_vistorybench(
                 for i, name in enumerate(files)
             )
             record = {
-                "schema_version": 1,
+                "schema_version": SCHEMA_VERSION,
                 "story": story.id,
                 "method": method,
                 "language": language,
@@ -406,7 +407,7 @@ def run_vistorybench(
         else f"the scorer reads {root.parent / 'ViStory'}: rename {root} to that first"
     )
     state = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "benchmark": "vistorybench",
         "storydiff_version": __version__,
         "updated": time.strftime("%Y-%m-%d %H:%M:%S%z"),

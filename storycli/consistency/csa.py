@@ -13,13 +13,15 @@ hidden assumptions removed:
 * Plain attention during the first `warmup_steps` steps, then CSA per layer call with probability
   `prob_early` before `late_from_step` and `prob_late` after.
 
-All mutable state lives in `CSAState`; every random draw comes from its `torch.Generator`, reseeded
-per pipeline call. Draws happen once per UNet call in a forward pre-hook (one index set per
-resolution level and one skip flag per layer), not inside the processors, and the bank is
-filed in a forward hook. So `torch.compile` of the UNet's `forward` sees only tensors and a few
-per-call constants: with `compiled=True` the skip flags become a tensor (a skipped layer masks
-its extra keys out instead of branching in Python) and a read step's bank is staged on the
-device before the forward, so the graph neither breaks nor recompiles from step to step.
+Several calls can share one UNet forward: every character's references in one write forward
+(each image samples only its own call's images; rows of calls with fewer samples are padded and
+masked), and read frames of any characters with plain frames (each row attends to its own
+characters' banks). Convolutions and MLPs run batched; only attention is split by row.
+
+All mutable state lives in `CSAState`; every random draw comes from the `torch.Generator` of the
+call it belongs to. Draws happen once per UNet call in a forward pre-hook (one index set per
+resolution level and call, moved to the device once for all layers of the level; one skip
+flag per layer and call), not inside the processors, and the bank is filed in a forward hook.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def csa_layers(unet: torch.nn.Module, blocks: Sequence[str] = ("up",)) -> list[L
 
 @dataclass
 class _LevelDraw:
-    """One step's token draws on one resolution level (write phase)."""
+    """One call's token draws on one resolution level for one step (write phase)."""
 
     tokens: int  # N, tokens per image on this level
     banked: torch.Tensor  # (n·k,) every image's sampled tokens, flat into n·N: what is banked
@@ -169,44 +171,73 @@ class CallStream:
     history_key: str | None = None  # a read frame whose samples later frames read (history)
 
 
+@dataclass
+class _Segment:
+    """One call's rows in the forward being run: rows `start` … `start + n - 1` of every CFG
+    group, with this step's skip flags and (write, window, history) token draws."""
+
+    stream: CallStream
+    start: int
+    n: int
+    apply: list[bool]  # per layer: CSA applies there now
+    draws: dict[Level, _LevelDraw]
+
+    @property
+    def owner(self) -> str | None:
+        """The bank entry its samples go to: the write call's character, a history key."""
+        return self.stream.history_key if self.stream.phase == "read" else self.stream.character
+
+
+@dataclass
+class _LevelGather:
+    """A forward's draws on one level, every segment's together, on the device: one gather
+    serves all layers of that level (no per-layer index copies)."""
+
+    # (rows, N + K) flat indices into a CFG group's rows·N tokens: each row's own tokens, then
+    # its extra ones: one gather builds every row's keys (no separate concatenation).
+    index: torch.Tensor
+    valid: torch.Tensor | None  # (rows, K) which extra tokens are real (None: all are)
+    widths: list[int]  # K of each segment (the rest of its rows' K is padding)
+    banked: list[torch.Tensor]  # each segment's sampled tokens, flat into rows·N
+
+
 class CSAState:
-    """Everything CSA remembers during one story: phase, step, draws, and the reference bank."""
+    """Everything CSA remembers during one story: phase, step, draws, and the reference bank.
+
+    One UNet forward may run several calls (`enter`): every character's write call together
+    (each image samples only its own character's images), or read calls of any characters
+    with plain ones (each row attends to its own characters' banks). Each call keeps its own
+    generator and step, so the batch computes what the calls would one by one."""
 
     def __init__(
         self,
         settings: CSASettings,
         layers: Sequence[LayerInfo],
         bank: BankSettings | None = None,
-        compiled: bool = False,
     ) -> None:
         self.settings = settings
-        self.compiled = compiled
         self.bank_settings = bank or BankSettings()
         self.layers = tuple(layers)
-        self.generator = torch.Generator(device="cpu")
-        self.phase: Phase = "off"
-        self.n_images = 1
-        self.character: str | None = None
-        self.read_characters: tuple[str, ...] = ()
-        self.history_key: str | None = None
+        self.phase: Phase = "off"  # of the forward: write, window, read (reads and plain), off
         self.step = -1
         # bank[character][step][layer name] -> (2, groups, references * k, channels): the
         # sampled tokens' keys and values, as projected in the write forward, so read frames
         # attend to them without projecting them again.
         self.bank: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-        self._draws: dict[Level, _LevelDraw] = {}
-        self._apply: list[bool] = [False] * len(self.layers)  # the first call's skip flags
-        self._apply_rows: list[list[bool]] = []  # each entered call's flags (read batches)
         self.streams: list[CallStream] = []
+        self.segments: list[_Segment] = []
+        self.rows = 1  # rows per CFG group in the forward
         self.peak_bank_bytes = 0  # the largest bank the story loop dropped
         self._by_name = {layer.name: layer for layer in self.layers}
         # Per UNet call, decided in the pre-hook so processors read no step counter.
         self.csa_now = False  # CSA applies in this call (phase on, past warm-up)
-        self.store_now = False  # this write call's samples go to the bank
-        self.apply_flags: torch.Tensor | None = None  # compiled: the skip flags as a tensor
-        self._written: dict[str, torch.Tensor] = {}  # keys/values to bank after the forward
-        self._staged: dict[str, torch.Tensor] = {}  # compiled read: this step's bank
+        self.store_now = False  # this call's samples go to the bank
+        self._levels: dict[Level, _LevelGather] = {}
+        self._flags: torch.Tensor | None = None  # (rows, layers) apply flags, on the device
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # read padding masks, by widths
+        self._written: dict[tuple[str, str], torch.Tensor] = {}  # to bank after the forward
         self._latent_size = (0, 0)
+        self._device: torch.device | None = None
 
     # -- call lifecycle -----------------------------------------------------------------------
 
@@ -237,24 +268,25 @@ class CSAState:
         )
 
     def enter(self, streams: Sequence[CallStream]) -> None:
-        """The next UNet forward runs these calls together, at the same step. Only read calls
-        (one frame each, same characters) or plain ones share a forward; each keeps its own
-        draws, so the batch computes what the calls would one by one."""
-        first = streams[0]
-        if len(streams) > 1 and any(
-            (s.phase, s.read_characters, s.step, s.n_images)
-            != (first.phase, first.read_characters, first.step, 1)
-            for s in streams
-        ):
-            raise ValueError("only one-frame calls at the same step and phase share a forward")
-        if len(streams) > 1 and first.phase not in ("read", "off"):
-            raise ValueError(f"{first.phase} calls cannot share a forward")
+        """The next UNet forward runs these calls together, at the same step, their rows in
+        this order: write calls together, or read and plain calls together; a window call and
+        a read call that banks history run alone."""
+        phases = {s.phase for s in streams}
+        if len(streams) > 1:
+            if not (phases == {"write"} or phases <= {"read", "off"}):
+                raise ValueError(f"{' and '.join(sorted(phases))} calls cannot share a forward")
+            if any(s.history_key is not None for s in streams):
+                raise ValueError("a read call with rolling history runs alone")
+            if len({s.step for s in streams}) > 1:
+                raise ValueError("calls sharing a forward must be at the same step")
         self.streams = list(streams)
-        self.phase, self.character = first.phase, first.character
-        self.n_images = sum(s.n_images for s in streams)
-        self.read_characters = first.read_characters
-        self.history_key = first.history_key if first.phase == "read" else None
-        self.generator, self.step = first.generator, first.step
+        self.segments, start = [], 0
+        for stream in streams:
+            self.segments.append(_Segment(stream, start, stream.n_images, [], {}))
+            start += stream.n_images
+        self.rows = start
+        self.phase = next((p for p in ("write", "window", "read") if p in phases), "off")  # type: ignore[assignment]
+        self.step = streams[0].step
 
     def leave(self) -> None:
         """After the forward(s) of `enter`: keep each call's step count for its next step."""
@@ -284,7 +316,7 @@ class CSAState:
         return max((len(steps) for steps in self.bank.values()), default=0)
 
     def end_call(self) -> None:
-        self.phase, self._draws, self._staged = "off", {}, {}
+        self.phase, self._levels, self._flags = "off", {}, None
         self.csa_now = self.store_now = False
 
     def clear(self) -> None:
@@ -309,63 +341,97 @@ class CSAState:
     def begin_step(
         self, latent_height: int, latent_width: int, device: torch.device | None = None
     ) -> None:
-        """Advance the step counter and make this step's random draws."""
+        """Advance the step counter and make this step's random draws: per call, its skip
+        flags, then (write, history) its token samples on each level, from its own generator."""
         self.step += 1
-        self._staged, self._written = {}, {}
+        self._written, self._levels, self._flags, self._masks = {}, {}, None, {}
         self._latent_size = (latent_height, latent_width)
+        self._device = device
         self.csa_now = self.phase != "off" and self.step >= self.settings.warmup_steps
-        history = self.phase == "read" and self.history_key is not None
+        history = self.phase == "read" and self.streams[0].history_key is not None
         self.store_now = (self.phase == "write" or history) and self._banks_step(self.step)
         if self.phase == "off":
             return
         p = self.settings.apply_probability(self.step)
-        if p <= 0.0:
-            self._apply_rows = [[False] * len(self.layers) for _ in self.streams]
-        else:
-            self._apply_rows = [
-                (torch.rand(len(self.layers), generator=s.generator) < p).tolist()
-                for s in self.streams
-            ]
-        self._apply = self._apply_rows[0]
-        if self.compiled:
-            self.apply_flags = torch.tensor(self._apply_rows, device=device)  # (calls, layers)
-        self._draws = {}
+        for segment in self.segments:
+            off = segment.stream.phase == "off" or p <= 0.0
+            segment.apply = (
+                [False] * len(self.layers)
+                if off
+                else (torch.rand(len(self.layers), generator=segment.stream.generator) < p).tolist()
+            )
+        if not all(all(segment.apply) for segment in self.segments):
+            # Which rows skip which layers, copied to the device once for every layer.
+            self._flags = torch.tensor(
+                [segment.apply for segment in self.segments for _ in range(segment.n)],
+                device=device,
+            )
         if self.phase == "write" or (history and self.store_now):
             self._draw_levels()  # a history frame: samples of its own tokens, to bank
-        if self.compiled and self.phase == "read" and device is not None:
-            self._stage(device)
 
     def end_step(self) -> None:
-        """After the UNet forward: file this step's write-phase samples in the bank."""
-        for name, kv in self._written.items():
-            self._store(self._by_name[name], kv)
+        """After the UNet forward: file this step's samples in the bank."""
+        for (owner, name), kv in self._written.items():
+            self._store(owner, self._by_name[name], kv)
         self._written = {}
 
     def begin_window(self, n_images: int) -> None:
         """Window mode: the next UNet forward is one window of `n_images` frames; draw for it."""
-        self.n_images = n_images
-        self._draws = {}
+        segment = self.segments[0]
+        self.segments = [_Segment(segment.stream, 0, n_images, segment.apply, {})]
+        self.rows = n_images
         self._draw_levels()
 
     def _draw_levels(self) -> None:
+        self._levels = {}
+        for segment in self.segments:
+            segment.draws = {}
         if self.step < self.settings.warmup_steps:
             return
         height, width = self._latent_size
         for level in ("sa32", "sa64"):
             downsample = {layer.downsample for layer in self.layers if layer.level == level}
-            if downsample:
-                factor = 2 ** downsample.pop()
-                tokens = math.ceil(height / factor) * math.ceil(width / factor)
-                draw = self._draw(level, tokens)
+            if not downsample:
+                continue
+            factor = 2 ** downsample.pop()
+            tokens = math.ceil(height / factor) * math.ceil(width / factor)
+            draws = [self._draw(level, tokens, segment) for segment in self.segments]
+            for segment, draw in zip(self.segments, draws, strict=True):
                 if draw is not None:
-                    self._draws[level] = draw
+                    segment.draws[level] = draw
+            if any(draw is not None for draw in draws):
+                self._levels[level] = self._combine(draws, tokens)
 
-    def _draw(self, level: Level, tokens: int) -> _LevelDraw | None:
-        n = self.n_images
+    def _combine(self, draws: list[_LevelDraw | None], tokens: int) -> _LevelGather:
+        """The segments' draws as one gather over the forward's rows (shorter rows padded),
+        moved to the device once for every layer of the level."""
+        widths = [draw.gather.shape[1] if draw is not None else 0 for draw in draws]
+        own = torch.arange(self.rows * tokens).view(self.rows, tokens)
+        gather = torch.zeros(self.rows, max(widths), dtype=torch.long)
+        valid = torch.zeros(self.rows, max(widths), dtype=torch.bool)
+        banked = []
+        for segment, draw, width in zip(self.segments, draws, widths, strict=True):
+            offset = segment.start * tokens  # its rows' tokens within a CFG group's rows·N
+            rows = slice(segment.start, segment.start + segment.n)
+            if draw is not None:
+                gather[rows, :width] = draw.gather + offset
+                valid[rows, :width] = True
+            banked.append(
+                (draw.banked + offset).to(self._device) if draw is not None else gather[0, :0]
+            )
+        return _LevelGather(
+            torch.cat([own, gather], dim=1).to(self._device),
+            None if bool(valid.all()) else valid.to(self._device),
+            widths,
+            banked,
+        )
+
+    def _draw(self, level: Level, tokens: int, segment: _Segment) -> _LevelDraw | None:
+        n = segment.n
         k = round(self.settings.rate(level) * tokens)
-        if k == 0:
+        if k == 0 or segment.stream.phase == "off":
             return None
-        g = self.generator
+        g = segment.stream.generator
         samples = torch.rand(n, tokens, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values
         offsets = torch.arange(n)[:, None] * tokens
         flat = samples + offsets  # (n, k) into the call's n·N tokens
@@ -393,105 +459,133 @@ class CSAState:
 
     # -- bank storage ---------------------------------------------------------------------------
 
-    def _store(self, layer: LayerInfo, kv: torch.Tensor) -> None:
+    def _store(self, owner: str, layer: LayerInfo, kv: torch.Tensor) -> None:
         tensor = kv.to(dtype=self.bank_settings.dtype or kv.dtype)
-        owner = self.history_key if self.phase == "read" else self.character
-        steps = self.bank[owner]  # type: ignore[index]
-        steps.setdefault(self.step, {})[layer.name] = tensor
+        self.bank[owner].setdefault(self.step, {})[layer.name] = tensor
 
     def _reads_layer(self, layer: LayerInfo) -> bool:
         return self._banks_step(self.step) and layer.level in self.bank_settings.levels
 
-    def _stage(self, device: torch.device) -> None:
-        """Compiled read step: gather this step's bank for every read layer before the forward."""
-        for layer in self.layers:
-            if self._reads_layer(layer):
-                banked = self._banked(layer, device)
-                if banked:
-                    self._staged[layer.name] = torch.cat(banked, dim=2)
-
-    def _banked(self, layer: LayerInfo, device: torch.device) -> list[torch.Tensor]:
-        """The bank entries a read frame attends to in `layer`, on `device`."""
-        out = []
-        for c in self.read_characters:
-            tensor = self.bank[c].get(self.step, {}).get(layer.name)
-            if tensor is not None:
-                out.append(tensor.to(device))
-        return out
-
     # -- what the processor asks ----------------------------------------------------------------
 
-    def write_draw(self, layer: LayerInfo) -> tuple[_LevelDraw | None, bool, bool]:
-        """Write and window phases: (this level's draw, whether CSA applies in `layer` now,
-        whether its samples go to the bank)."""
-        draw = self._draws.get(layer.level)
-        if draw is None:
-            return None, False, False
-        applies = self.n_images > 1 and (self.compiled or self._apply[layer.index])
-        stores = self.store_now and layer.level in self.bank_settings.levels
-        return draw, applies, stores
+    def applies(self, layer: LayerInfo) -> list[bool]:
+        """Per segment: whether CSA applies to its rows in `layer` now."""
+        return [segment.apply[layer.index] for segment in self.segments]
 
-    def history_draw(self, layer: LayerInfo) -> _LevelDraw | None:
+    def write_level(self, layer: LayerInfo) -> tuple[_LevelGather | None, list[bool], bool]:
+        """Write and window phases: (this level's draws, per segment whether CSA applies in
+        `layer` now, whether the samples go to the bank)."""
+        level = self._levels.get(layer.level)
+        if level is None:
+            return None, [], False
+        applies = [
+            flag and width > 0
+            for flag, width in zip(self.applies(layer), level.widths, strict=True)
+        ]
+        stores = self.store_now and layer.level in self.bank_settings.levels
+        return level, applies, stores
+
+    def history_level(self, layer: LayerInfo) -> _LevelGather | None:
         """Read phase with rolling history: this layer's sample of the frame's own tokens,
         when this step banks them."""
-        if self.phase != "read" or self.history_key is None or not self.store_now:
+        if self.phase != "read" or not self.store_now:
             return None
         if layer.level not in self.bank_settings.levels:
             return None
-        return self._draws.get(layer.level)
+        return self._levels.get(layer.level)
 
-    def file_bank(self, layer: LayerInfo, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Bank the sampled tokens' keys and values, (groups, n·k, C) each, after the forward."""
-        self._written[layer.name] = torch.stack([key, value])
+    def file_bank(
+        self, layer: LayerInfo, key: torch.Tensor, value: torch.Tensor, segment: int = 0
+    ) -> None:
+        """Bank a segment's sampled tokens' keys and values, (groups, n·k, C) each, after the
+        forward (read frames of this step attend to them)."""
+        owner = self.segments[segment].owner
+        self._written[(owner, layer.name)] = torch.stack([key, value])  # type: ignore[index]
 
-    def read_tokens(self, layer: LayerInfo, hidden: torch.Tensor) -> torch.Tensor | None:
-        """In the read phase: the banked keys and values (2, batch, K, C) this layer attends to,
-        or None."""
-        if not self.read_characters:
+    def read_tokens(
+        self, layer: LayerInfo, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """In the read phase: the banked keys and values (2, groups, rows, K, C) the rows attend
+        to in `layer` and which of them each row reads, (rows, K) (None: all; a row reading fewer
+        banks, or skipping CSA here, has the rest masked), or None when no row reads here."""
+        if not self._reads_layer(layer):
             return None
-        if self.compiled:
-            extra = self._staged.get(layer.name)
-            if extra is None:
-                return None
-        else:
-            applies = any(row[layer.index] for row in self._apply_rows)
-            if not applies or not self._reads_layer(layer):
-                return None
-            banked = self._banked(layer, hidden.device)
-            if not banked:
-                return None
-            extra = torch.cat(banked, dim=2)
-        extra = extra.to(hidden.dtype)
-        groups = hidden.shape[0] // self.n_images
-        if extra.shape[1] != groups:
+        # Per segment, the banks it reads here now; rows reading the same share one tensor.
+        reads = [
+            segment.stream.read_characters if segment.apply[layer.index] else ()
+            for segment in self.segments
+        ]
+        parts: dict[tuple[str, ...], torch.Tensor | None] = {}
+        for names in dict.fromkeys(reads):
+            banked = [
+                tensor
+                for c in names
+                if (tensor := self.bank[c].get(self.step, {}).get(layer.name)) is not None
+            ]
+            parts[names] = (
+                torch.cat(banked, dim=2).to(hidden.device, hidden.dtype) if banked else None
+            )
+        found = [part for part in parts.values() if part is not None]
+        if not found:
+            return None
+        groups = hidden.shape[0] // self.rows
+        if any(part.shape[1] != groups for part in found):
             raise RuntimeError("read call and write call disagree on classifier-free guidance")
-        return extra.repeat_interleave(self.n_images, dim=1)
+        if len(parts) == 1:  # every row reads the same banks: a view, no padding, no mask
+            return found[0][:, :, None].expand(-1, -1, self.rows, -1, -1), None
+        widths = [0 if parts[names] is None else parts[names].shape[2] for names in reads]
+        width = max(widths)
+        padded = []
+        for segment, names, have in zip(self.segments, reads, widths, strict=True):
+            part = parts[names]
+            part = found[0][:, :, :0] if part is None else part
+            part = F.pad(part, (0, 0, 0, width - have))  # (2, groups, K, C)
+            padded.append(part[:, :, None].expand(-1, -1, segment.n, -1, -1))
+        return torch.cat(padded, dim=2), self._valid(widths, hidden.device)
+
+    def _valid(self, widths: list[int], device: torch.device) -> torch.Tensor | None:
+        """(rows, K): which of the K extra keys each row reads, for segments reading `widths`
+        keys (None: all of them); made once per forward and width pattern, not per layer."""
+        if len(set(widths)) == 1:
+            return None
+        key = tuple(widths)
+        if key not in self._masks:
+            valid = torch.zeros(self.rows, max(widths), dtype=torch.bool)
+            for segment, have in zip(self.segments, widths, strict=True):
+                valid[segment.start : segment.start + segment.n, :have] = True
+            self._masks[key] = valid.to(device)
+        return self._masks[key]
 
     def check_batch(self, hidden: torch.Tensor) -> None:
-        if hidden.shape[0] % self.n_images:
-            raise RuntimeError(f"batch {hidden.shape[0]} is not a multiple of {self.n_images}")
+        if hidden.shape[0] % self.rows:
+            raise RuntimeError(f"batch {hidden.shape[0]} is not a multiple of {self.rows}")
 
-    def skip_bias(self, layer: LayerInfo, own: int, extra: int, like: torch.Tensor):
-        """An additive key bias that hides the `extra` keys of the images skipping CSA in this
-        layer now (plain attention, exactly): every skip in compiled mode, so skipping needs no
-        Python branch, and in a read batch whose frames drew different skips."""
-        if self.compiled and self.apply_flags is not None:
-            keep = self.apply_flags[:, layer.index].to(like.device)
-        elif len(self._apply_rows) > 1:
-            flags = [row[layer.index] for row in self._apply_rows]
-            if all(flags):
-                return None
-            keep = torch.tensor(flags, device=like.device)
-        else:
-            return None
-        hidden = torch.where(keep, 0.0, float("-inf")).to(like.dtype)
-        if keep.numel() == 1:  # one call: one bias for every row
-            bias = torch.cat([like.new_zeros(own), hidden.expand(extra)])
-            return bias.view(1, 1, 1, own + extra)
-        # Rows are [CFG group 0: calls..., group 1: calls...], one frame per call.
-        rows = hidden.repeat(like.shape[0] // keep.numel())[:, None].expand(-1, extra)
-        bias = torch.cat([like.new_zeros(rows.shape[0], own), rows], dim=1)
-        return bias.view(rows.shape[0], 1, 1, own + extra)
+    def row_flags(self, layer: LayerInfo) -> torch.Tensor | None:
+        """(rows,) whether each row applies CSA in `layer` now (None: every row does)."""
+        return None if self._flags is None else self._flags[:, layer.index]
+
+
+def _extra_bias(
+    valid: torch.Tensor | None,
+    flags: torch.Tensor | None,
+    own: int,
+    extra: int,
+    like: torch.Tensor,
+) -> torch.Tensor | None:
+    """An additive key bias (batch, 1, 1, own + extra) over [own keys, extra keys] that hides
+    the extra keys a row does not read: padding (`valid`, (rows, extra)) and all of them in
+    rows that skip CSA in this layer now (`flags`, (rows,)): plain attention, exactly. None
+    when every row reads every extra key."""
+    if valid is None and flags is None:
+        return None
+    rows = valid.shape[0] if valid is not None else flags.shape[0]  # type: ignore[union-attr]
+    keep = valid if valid is not None else torch.ones(rows, extra, dtype=torch.bool)
+    keep = keep.to(like.device)
+    if flags is not None:
+        keep = keep & flags[:, None].to(like.device)
+    # Rows are [CFG group 0: rows…, group 1: rows…]: the same mask for every group.
+    hidden = torch.where(keep, 0.0, float("-inf")).to(like.dtype).repeat(like.shape[0] // rows, 1)
+    return torch.cat([like.new_zeros(hidden.shape[0], own), hidden], dim=1)[:, None, None, :]
 
 
 def _attend(
@@ -518,13 +612,18 @@ def _attend(
 
 
 class ConsistentSelfAttnProcessor:
-    """Self-attention whose keys/values also cover tokens of other images (see module doc)."""
+    """Self-attention whose keys/values also cover tokens of other images (see module doc).
+
+    Excluded from `torch.compile` (see `compiled_blocks`): it reads the story's Python state
+    (phase, draws, bank) that differs per layer and call, which a graph would have to guard on
+    and recompile for; its work is a few gathers and one attention call per layer."""
 
     def __init__(self, state: CSAState, layer: LayerInfo) -> None:
         self.state = state
         self.layer = layer
         self.plain = AttnProcessor2_0()
 
+    @torch.compiler.disable
     def __call__(
         self,
         attn: Attention,
@@ -549,89 +648,103 @@ class ConsistentSelfAttnProcessor:
             if state.phase in ("write", "window"):
                 out = self._write(attn, hidden_states)
             else:
-                extra = state.read_tokens(self.layer, hidden_states)
-                history = state.history_draw(self.layer)
-                if extra is not None or history is not None:
-                    key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
-                if history is not None:  # bank this frame's samples for the frames after it
-                    banked = history.banked.to(hidden_states.device)
-                    state.file_bank(self.layer, key[:, banked], value[:, banked])
-                if extra is not None:
-                    key = torch.cat([key, extra[0]], dim=1)
-                    value = torch.cat([value, extra[1]], dim=1)
-                    bias = state.skip_bias(
-                        self.layer, hidden_states.shape[1], extra.shape[2], hidden_states
-                    )
-                    out = _attend(attn, hidden_states, key, value, bias)
+                out = self._read(attn, hidden_states)
         if out is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
 
-    def _write(self, attn: Attention, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Write or window phase: bank the sampled tokens' keys/values when this step banks,
-        and run CSA when it applies in this layer now (None: plain attention)."""
+    def _read(self, attn: Attention, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Read phase: each row's own tokens plus the banks of its characters (None: plain
+        attention); a read frame with rolling history banks samples of its own tokens."""
         state = self.state
-        draw, applies, stores = state.write_draw(self.layer)
-        if draw is None or not (applies or stores):
+        read = state.read_tokens(self.layer, hidden)
+        history = state.history_level(self.layer)
+        if read is None and history is None:
             return None
-        n = state.n_images
+        key, value = attn.to_k(hidden), attn.to_v(hidden)
+        if history is not None:  # bank this frame's samples for the frames after it
+            banked = history.banked[0]
+            state.file_bank(self.layer, key[:, banked], value[:, banked])
+        if read is None:
+            return None
+        extra, valid = read
+        batch, tokens, _ = hidden.shape
+        groups, rows, width = extra.shape[1:4]
+
+        def with_extra(own: torch.Tensor, banked: torch.Tensor) -> torch.Tensor:
+            # Concatenated per row in one copy (an expanded bank is read, not materialised).
+            own = own.view(groups, rows, tokens, -1)
+            return torch.cat([own, banked], dim=2).view(batch, tokens + width, -1)
+
+        bias = _extra_bias(valid, None, tokens, width, hidden)
+        return _attend(attn, hidden, with_extra(key, extra[0]), with_extra(value, extra[1]), bias)
+
+    def _write(self, attn: Attention, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Write or window phase: bank each call's sampled tokens' keys/values when this step
+        banks, and run CSA where it applies in this layer now (None: plain attention)."""
+        state = self.state
+        level, applies, stores = state.write_level(self.layer)
+        if level is None or not (any(applies) or stores):
+            return None
         batch, tokens, channels = hidden.shape
-        groups = batch // n
-        banked = draw.banked.to(hidden.device)
-        if applies and state.settings.impl == "fast":
+        groups = batch // state.rows
+        if any(applies) and state.settings.impl == "fast":
             key, value = attn.to_k(hidden), attn.to_v(hidden)
+            flat_key = key.view(groups, state.rows * tokens, -1)
+            flat_value = value.view(groups, state.rows * tokens, -1)
             if stores:
-                state.file_bank(
-                    self.layer,
-                    key.view(groups, n * tokens, -1)[:, banked],
-                    value.view(groups, n * tokens, -1)[:, banked],
-                )
-            return self._write_fast(attn, hidden, draw, key, value)
+                for segment, banked in enumerate(level.banked):
+                    state.file_bank(self.layer, flat_key[:, banked], flat_value[:, banked], segment)
+            return self._write_fast(attn, hidden, level, applies, flat_key, flat_value)
         if stores:  # project only the sampled tokens (a per-token map: same numbers)
-            sampled = hidden.view(groups, n * tokens, channels)[:, banked]
-            state.file_bank(self.layer, attn.to_k(sampled), attn.to_v(sampled))
-        return self._write_reference(attn, hidden, draw) if applies else None
+            flat = hidden.view(groups, state.rows * tokens, channels)
+            for segment, banked in enumerate(level.banked):
+                sampled = flat[:, banked]
+                state.file_bank(self.layer, attn.to_k(sampled), attn.to_v(sampled), segment)
+        return self._write_reference(attn, hidden, applies) if any(applies) else None
 
     def _write_fast(
         self,
         attn: Attention,
         hidden: torch.Tensor,
-        draw: _LevelDraw,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        level: _LevelGather,
+        applies: list[bool],
+        flat_key: torch.Tensor,
+        flat_value: torch.Tensor,
     ) -> torch.Tensor:
-        """All images in one SDPA call; keys/values projected once per token, then gathered."""
-        n = self.state.n_images
+        """Every row of every call in one SDPA call: keys/values projected once per token, and
+        each row's own plus extra tokens gathered by one index (rows with fewer padded)."""
         batch, tokens, _ = hidden.shape
-        groups = batch // n
-        gather = draw.gather.to(hidden.device)  # (n, K)
-
-        def with_extra(own: torch.Tensor) -> torch.Tensor:
-            flat = own.view(groups, n * tokens, own.shape[-1])
-            extra = flat[:, gather].reshape(batch, gather.shape[1], own.shape[-1])
-            return torch.cat([own, extra], dim=1)
-
-        bias = self.state.skip_bias(self.layer, tokens, gather.shape[1], hidden)
-        return _attend(attn, hidden, with_extra(key), with_extra(value), bias)
+        context = level.index.shape[1]
+        key = flat_key[:, level.index].reshape(batch, context, -1)
+        value = flat_value[:, level.index].reshape(batch, context, -1)
+        flags = self.state.row_flags(self.layer) if not all(applies) else None
+        bias = _extra_bias(level.valid, flags, tokens, context - tokens, hidden)
+        return _attend(attn, hidden, key, value, bias)
 
     def _write_reference(
-        self, attn: Attention, hidden: torch.Tensor, draw: _LevelDraw
+        self, attn: Attention, hidden: torch.Tensor, applies: list[bool]
     ) -> torch.Tensor:
-        """The definition, one image at a time: own tokens + re-projected samples of others."""
-        n = self.state.n_images
+        """The definition, one image at a time: its own tokens plus re-projected samples of
+        its call's other images (its own tokens only where its call skips CSA now)."""
+        state = self.state
         batch, tokens, channels = hidden.shape
-        x = hidden.view(batch // n, n * tokens, channels)
-        outputs = []
-        for group in range(batch // n):
-            for i in range(n):
-                own = x[group, i * tokens : (i + 1) * tokens][None]
-                others = x[group, draw.gather[i].to(hidden.device)][None]
-                context = torch.cat([own, others], dim=1)
-                bias = self.state.skip_bias(self.layer, tokens, others.shape[1], hidden)
-                key, value = attn.to_k(context), attn.to_v(context)
-                outputs.append(_attend(attn, own, key, value, bias))
+        x = hidden.view(batch // state.rows, state.rows * tokens, channels)
+        outputs: list[torch.Tensor] = [hidden[:0]] * batch
+        for segment, applied in zip(state.segments, applies, strict=True):
+            draw = segment.draws.get(self.layer.level)
+            for group in range(x.shape[0]):
+                for i in range(segment.n):
+                    row = segment.start + i
+                    own = x[group, row * tokens : (row + 1) * tokens][None]
+                    context = own
+                    if applied and draw is not None:
+                        index = draw.gather[i] + segment.start * tokens
+                        context = torch.cat([own, x[group, index.to(hidden.device)][None]], dim=1)
+                    key, value = attn.to_k(context), attn.to_v(context)
+                    outputs[group * state.rows + row] = _attend(attn, own, key, value)
         return torch.cat(outputs, dim=0)
 
 
@@ -742,12 +855,22 @@ def windowed_unet(
 
 
 @contextmanager
-def compiled_unet(unet: torch.nn.Module, backend: str = "inductor") -> Iterator[None]:
-    """`torch.compile` the UNet's forward (not its hooks: CSA draws there, outside the graph).
+def compiled_blocks(unet: torch.nn.Module, backend: str = "inductor") -> Iterator[None]:
+    """Regional compilation: `torch.compile` each transformer block of the UNet (diffusers'
+    `compile_repeated_blocks`, where the model declares `_repeated_blocks`), not the whole UNet.
 
-    `fullgraph=True`: a graph break is a bug here, not a slowdown to tolerate."""
-    unet.forward = torch.compile(unet.forward, backend=backend, fullgraph=True)  # type: ignore[method-assign]
+    Blocks of one kind share their compiled code, so compiling costs one block's graphs rather
+    than the UNet's, and `dynamic=True` keeps the batch size symbolic: the story loop's
+    forwards of different sizes (write, read chunks, the last short chunk) reuse one graph
+    instead of recompiling each. CSA's processor runs eagerly inside (`torch.compiler.disable`):
+    the norms, cross-attention and feed-forward around it are what gets fused. Undone on exit,
+    so a pipeline reused for the next story runs eagerly unless that one compiles too."""
+    names = tuple(getattr(unet, "_repeated_blocks", None) or ("BasicTransformerBlock",))
+    blocks = [m for m in unet.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile(backend=backend, dynamic=True)
     try:
         yield
     finally:
-        del unet.forward
+        for block in blocks:
+            block._compiled_call_impl = None

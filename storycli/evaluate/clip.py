@@ -20,6 +20,7 @@ from PIL import Image
 from ..models import (
     HubWeights,
     ModelUnavailable,
+    clip_image_processor_class,
     from_hub,
     hub_revision,
     load_errors,
@@ -99,17 +100,6 @@ class ClipModel:
         return torch.cat(out)
 
 
-def _processor_class() -> Any:
-    # The PIL backend: the same numbers with or without torchvision (which has no CPU build on
-    # the project's machines), as motion.encoder does.
-    # (getattr's default would be evaluated, and touching CLIPImageProcessor without
-    # torchvision logs a warning.)
-    import transformers
-
-    pil = getattr(transformers, "CLIPImageProcessorPil", None)
-    return pil if pil is not None else transformers.CLIPImageProcessor
-
-
 def build_tiny_clip() -> tuple[Any, Any, Any]:
     """A small random CLIPModel (32-d), the offline tiny tokenizer and a 32 px processor.
 
@@ -140,7 +130,7 @@ def build_tiny_clip() -> tuple[Any, Any, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED + 2)
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
-    processor = _processor_class()(
+    processor = clip_image_processor_class()(
         size={"shortest_edge": TINY_IMAGE_SIZE},
         crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
     )
@@ -168,7 +158,9 @@ def load_clip(
     def load(source: str, local_only: bool) -> tuple[Any, Any, Any]:
         model = CLIPModel.from_pretrained(source, dtype=dtype, local_files_only=local_only)
         tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
-        processor = _processor_class().from_pretrained(source, local_files_only=local_only)
+        processor = clip_image_processor_class().from_pretrained(
+            source, local_files_only=local_only
+        )
         return model, tokenizer, processor
 
     revision = None

@@ -194,24 +194,14 @@ def _digest(path: Path) -> str:
 def _decode_mp4(path: Path, size: tuple[int, int]) -> list[np.ndarray]:
     """Every frame of an MP4 (no resampling), cropped to `size`: animate pads frames at the
     bottom and right to multiples of 16, and the padding is no part of the picture."""
-    import imageio_ffmpeg
+    from ..motion.video import VideoError, decode_every_frame
 
     width, height = size
-    frames = []
     try:
-        reader = imageio_ffmpeg.read_frames(str(path), output_params=["-map", "0:v:0"])
-        try:
-            meta = next(reader)
-            w, h = meta["size"]
-            for raw in reader:
-                frame = np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3)
-                frames.append(frame[:height, :width].copy())
-        finally:
-            reader.close()
-    except Exception as exc:  # ffmpeg failures surface as OSError/RuntimeError/parse errors
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        frames = [frame[:height, :width] for frame in decode_every_frame(path)]
+    except VideoError as exc:
         raise EvaluateError(
-            f"{path}: not a readable video ({reason}); run `storydiff animate` again to remake it"
+            f"{path}: not a readable video ({exc}); run `storydiff animate` again to remake it"
         ) from exc
     if len(frames) < 2:
         raise EvaluateError(

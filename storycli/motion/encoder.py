@@ -21,6 +21,7 @@ from PIL import Image
 from ..models import (
     HubWeights,
     ModelUnavailable,
+    clip_image_processor_class,
     from_hub,
     hub_revision,
     hub_unreachable,
@@ -77,14 +78,6 @@ class ImageEncoder:
         return torch.cat(out)
 
 
-def _processor_class() -> Any:
-    # The PIL backend: same numbers with or without torchvision installed, so a cache's
-    # preprocessing id means the same thing everywhere.
-    import transformers
-
-    return getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
-
-
 def build_tiny_image_encoder() -> tuple[Any, Any]:
     """A small random CLIP vision tower (32-d embeddings) and its processor, deterministic."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -101,7 +94,7 @@ def build_tiny_image_encoder() -> tuple[Any, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED + 1)
         model = CLIPVisionModelWithProjection(config).eval()
-    processor = _processor_class()(
+    processor = clip_image_processor_class()(
         size={"shortest_edge": TINY_IMAGE_SIZE},
         crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
     )
@@ -168,10 +161,10 @@ def load_image_encoder(
     # is asked first; the hub only when it answers (one quick probe: no retries on a miss).
     processor = None
     with contextlib.suppress(OSError, ValueError):
-        processor = load(_processor_class(), True)
+        processor = load(clip_image_processor_class(), True)
     if processor is None and not local.exists() and hub_unreachable(source) is None:
         with contextlib.suppress(OSError, ValueError):
-            processor = load(_processor_class(), False)
+            processor = load(clip_image_processor_class(), False)
     if processor is None:
-        processor = _processor_class()()
+        processor = clip_image_processor_class()()
     return ImageEncoder(model.to(device).eval(), processor, label, device, dtype, revision)

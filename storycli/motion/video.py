@@ -30,6 +30,7 @@ __all__ = [
     "VideoError",
     "VideoInfo",
     "VideoSource",
+    "decode_every_frame",
     "find_sources",
     "pad_to_multiple",
     "probe_mp4",
@@ -172,25 +173,38 @@ def _shrink(image: Image.Image, short_side: int | None) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def _decode_video(path: Path, fps: float) -> Iterator[Image.Image]:
-    """Yield RGB frames resampled to ``fps`` by ffmpeg's fps filter (first video stream)."""
+def _decode_arrays(path: Path, fps: float | None) -> Iterator[np.ndarray]:
+    """Yield RGB uint8 frames of the first video stream, resampled to ``fps`` by ffmpeg's fps
+    filter (None: every frame as encoded)."""
     # -map 0:v:0 ignores audio/subtitle streams and fails clearly on files without video.
-    params = ["-map", "0:v:0", "-vf", f"fps={fps}"]
+    params = ["-map", "0:v:0", *(["-vf", f"fps={fps}"] if fps is not None else [])]
     reader = imageio_ffmpeg.read_frames(str(path), output_params=params)
     try:
         meta = next(reader)
         width, height = meta["size"]
         for raw in reader:
-            array = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
-            yield Image.fromarray(array, mode="RGB")
+            yield np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
     finally:
         reader.close()  # stops ffmpeg even when the caller stops early
+
+
+def decode_every_frame(path: Path) -> list[np.ndarray]:
+    """Every frame of a video as encoded (no resampling), RGB uint8; VideoError naming the file
+    for anything that cannot be decoded."""
+    _check_readable_file(path)
+    try:
+        return [frame.copy() for frame in _decode_arrays(path, None)]
+    except Exception as err:  # ffmpeg failures surface as OSError/RuntimeError/parse errors
+        raise VideoError(f"cannot decode video {path}: {_short_reason(err)}.") from err
 
 
 def _read_video(path: Path, fps: float, short_side: int | None) -> list[Image.Image]:
     _check_readable_file(path)
     try:
-        frames = [_shrink(frame, short_side) for frame in _decode_video(path, fps)]
+        frames = [
+            _shrink(Image.fromarray(frame, mode="RGB"), short_side)
+            for frame in _decode_arrays(path, fps)
+        ]
     except Exception as err:  # ffmpeg failures surface as OSError/RuntimeError/parse errors
         raise VideoError(f"cannot decode video {path}: {_short_reason(err)}.") from err
     if not frames:
