@@ -167,6 +167,9 @@ class _Display:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc and exc[0] is not None and self.progress.live.is_started:
+            # A failure: erase the bars and spinner, so the error line is the last thing shown.
+            self.progress.live.transient = True
         self.progress.__exit__(*exc)
         if self.cut and not self.quiet:
             self.console.print(
@@ -277,26 +280,28 @@ def consistory_plus(
     )  # fmt: skip
     console = stderr_console()
     show = not (quiet or json_out)
-    with _Display(console, show, quiet, verbose) as display:
-        hooks = display.hooks()
 
-        def on_done(label: str, record: dict[str, Any]) -> None:
-            made = (
-                "kept (done before)"
-                if record["kept"]
-                else (f"{record['frames_generated']} frame(s) generated")
-            )
-            m = record["metrics"]
-            display.line(
-                f"{escape(label)}: {made}; CLIP-T {_metric(m['clip_t'])}, CLIP-I "
-                f"{_metric(m['clip_i'])}, DreamSim {_metric(m['dreamsim'])}"
-            )
+    def work() -> Any:
+        # The display ends (its bars erased on a failure) before run_guarded prints an error.
+        with _Display(console, show, quiet, verbose) as display:
+            hooks = display.hooks()
 
-        hooks.on_done = on_done
-        results = run_guarded(
-            lambda: run_consistory(options, clip, hooks, EvaluateHooks(on_note=display.note)),
-            verbose,
-        )
+            def on_done(label: str, record: dict[str, Any]) -> None:
+                made = (
+                    "kept (done before)"
+                    if record["kept"]
+                    else (f"{record['frames_generated']} frame(s) generated")
+                )
+                m = record["metrics"]
+                display.line(
+                    f"{escape(label)}: {made}; CLIP-T {_metric(m['clip_t'])}, CLIP-I "
+                    f"{_metric(m['clip_i'])}, DreamSim {_metric(m['dreamsim'])}"
+                )
+
+            hooks.on_done = on_done
+            return run_consistory(options, clip, hooks, EvaluateHooks(on_note=display.note))
+
+    results = run_guarded(work, verbose)
     if json_out:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return

@@ -39,6 +39,25 @@ class _PlainHelp:
 class Command(_PlainHelp, TyperCommand):
     """The class of every storydiff command (`@app.command(cls=Command)`)."""
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        _refuse_empty_out(self, args)
+        return super().parse_args(ctx, args)
+
+
+def _refuse_empty_out(command: Any, args: list[str]) -> None:
+    """`--out ""` would become Path(""), the current folder: refuse it before it is parsed."""
+    names = {o for p in command.params if "--out" in getattr(p, "opts", ()) for o in p.opts}
+    for k, arg in enumerate(args):
+        if arg == "--":
+            return
+        empty = arg.startswith("--out=") and not arg.partition("=")[2].strip()
+        if empty or (arg in names and k + 1 < len(args) and not args[k + 1].strip()):
+            raise fail(
+                '--out "": an empty path would write into the current folder; name the '
+                "output folder (--out . for the current one)",
+                EXIT_INVALID,
+            )
+
 
 class _Group(_PlainHelp, TyperGroup):
     pass

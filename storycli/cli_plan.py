@@ -91,6 +91,19 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise fail(f"--out {out} exists; choose another name, or add --overwrite", EXIT_INVALID)
     if not out.parent.is_dir():
         raise fail(f"--out {out}: the folder {out.parent} does not exist", EXIT_INVALID)
+    _check_writable(out, "--out", "choose another --out")
+
+
+def _check_writable(path: Path, option: str, fix: str) -> None:
+    """Before any request: a read-only place would otherwise fail only after the model
+    answered (files are written atomically, through a temporary file beside `path`)."""
+    from .paths import write_problem
+
+    if problem := write_problem(path.parent):
+        reason = problem.split(": ", 1)[-1]
+        raise fail(
+            f"{option} {path}: cannot write in {path.parent} ({reason}); {fix}", EXIT_INVALID
+        )
 
 
 def _guard(work: Any, key: str | None) -> Any:
@@ -189,7 +202,7 @@ def plan(
             min=0.01,
             max=3600,
             metavar="SECONDS",
-            help="How long to wait for each answer.",
+            help="How long to wait for each whole answer (a deadline, not a per-read limit).",
             rich_help_panel=_LLM,
         ),
     ] = DEFAULT_TIMEOUT,
@@ -228,6 +241,8 @@ def plan(
                 f"{given[0]} does not go with --resolve, which edits an existing story's prompts",
                 EXIT_INVALID,
             )
+        if write and resolve.parent.is_dir():
+            _check_writable(resolve, "--resolve", "copy the story somewhere writable")
     else:
         if write:
             raise fail(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -198,7 +199,23 @@ def generate_story(
     `models`: a `ModelCache` that keeps the pipeline for the next story of a batch.
 
     With `options.split` of several shards this process makes only its share of the frames
-    (`batch.split`); the shard that finds every frame written writes the grid and manifest."""
+    (`batch.split`); the shard that finds every frame written writes the grid and manifest.
+
+    The story's folder is locked from the ownership check to the last write: another command
+    working in it is refused (`FolderInUse`); the shards of one story hold it together."""
+    with contextlib.ExitStack() as claim:
+        return _generate_story(story_path, options, configs, hooks, plan, models, claim)
+
+
+def _generate_story(
+    story_path: Path,
+    options: GenerateOptions,
+    configs: Configs | None,
+    hooks: Hooks | None,
+    plan: Plan | None,
+    models: Any,
+    claim: contextlib.ExitStack,
+) -> GenerateResult:
     started = time.perf_counter()
     configs = configs or Configs()
     hooks = hooks or Hooks()
@@ -209,6 +226,7 @@ def generate_story(
     from .atomic import remove_temp_files
     from .batch.split import frames_of_shard
     from .checkpoints import CHECKPOINT_NAME, LoopCheckpoint
+    from .locks import run_folder_lock
     from .model_cache import ModelCache
     from .models import ModelInfo, resolve_model, set_scheduler
     from .paths import check_writable_folder
@@ -221,6 +239,10 @@ def generate_story(
     folder = options.out / story.name
     # The output location and its ownership are checked before the (slow) model load.
     check_writable_folder(folder, "--out")
+    # Locked before anything in it is read: a second run on it is refused, not interleaved.
+    claim.enter_context(
+        run_folder_lock(folder, "generate", shared=options.split.active, create=True)
+    )
     StoryRun(folder, story_path, plan, {}, options.overwrite).check_owner()
 
     split = options.split
@@ -263,7 +285,9 @@ def generate_story(
             run, todo, model_info = story_run(info)
     if hooks.on_model:
         hooks.on_model(info)
-    for warning in model_warnings(plan, loaded.pipe) if loaded is not None else []:
+    # Not the tiny model's: its toy tokenizer (bytes and a few merges) cuts every real prompt,
+    # which says nothing about the story (its frames are noise anyway).
+    for warning in model_warnings(plan, loaded.pipe) if loaded and not loaded.tiny else []:
         if hooks.on_warning:
             hooks.on_warning(warning)
     result = GenerateResult(

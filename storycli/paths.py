@@ -55,3 +55,14 @@ def check_writable_folder(folder: Path, option: str, hint: str = "") -> None:
         raise OutputLocationError(
             f"{option} {folder}: {problem}; {hint or f'choose another {option}'}"
         )
+
+
+def inside_folder(folder: Path, name: str) -> Path | None:
+    """`folder / name` when it is one of `folder`'s own files (resolved, links followed: no
+    `..`, no absolute path, no link leading out), else None."""
+    root = Path(folder).resolve()
+    path = Path(folder) / name
+    try:
+        return path if path.resolve().is_relative_to(root) and path.resolve() != root else None
+    except (OSError, RuntimeError):  # a link loop
+        return None

@@ -28,7 +28,7 @@ from .story import (
     single_character_frames,
     story_warnings,
 )
-from .tokens import MAX_LENGTH, Fitted, count_tokens, encoder_cut, fit_prompt
+from .tokens import MAX_LENGTH, Fitted, count_tokens, encoder_cut, fit_prompt, quote
 
 Role = Literal["reference", "read", "plain", "window"]
 
@@ -237,13 +237,13 @@ def _over_budget(fitted: Fitted, characters: tuple[str, ...], style: str | None)
     head = f"prompt is {fitted.tokens} tokens, over the text encoder's {MAX_LENGTH}"
     if fitted.trimmed:
         fix = "shorten the frame or its character description" if characters else "shorten it"
-        return f'{head}: dropped "{fitted.dropped}"; {fix}'
+        return f'{head}: dropped "{quote(fitted.dropped or "")}"; {fix}'
     # Not even the frame's first word fits beside the style: the encoder cuts as it always did.
     return (
         f"{head}, and its first word does not fit beside style '{style}': the text encoder "
-        f'drops "{fitted.dropped}"; shorten the style or the frame'
+        f'drops "{quote(fitted.dropped or "")}"; shorten the style or the frame'
         if style
-        else f'{head}: the text encoder drops "{fitted.dropped}"; shorten the frame'
+        else f'{head}: the text encoder drops "{quote(fitted.dropped or "")}"; shorten the frame'
     )
 
 
@@ -305,7 +305,8 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
             PlanWarning(
                 ("negative",),
                 f"negative prompt (style's, then the story's) is {count_tokens(negative) + 2} "
-                f'tokens, over the text encoder\'s {MAX_LENGTH}: "{cut}" is ignored; shorten it',
+                f'tokens, over the text encoder\'s {MAX_LENGTH}: "{quote(cut)}" is ignored; '
+                "shorten it",
             )
         )
 
@@ -319,6 +320,7 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         else {}
     )
     frames = []
+    expanded: dict[str, str] = {}  # a prompt repeated (YAML aliases) is expanded once
     for i, spec in enumerate(story.frames):
         characters = frame_characters(story, spec.prompt)
         # SDXL's text encoders see 77 tokens and diffusers cuts the rest: the end, which is the
@@ -336,11 +338,14 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
                     PlanWarning(
                         ("frames", i),
                         f"identity and frame are {count_tokens(prompt)} tokens together, over "
-                        f'the text encoder\'s {MAX_LENGTH}: "{cut}" is dropped; shorten them',
+                        f'the text encoder\'s {MAX_LENGTH}: "{quote(cut)}" is dropped; '
+                        "shorten them",
                     )
                 )
         else:
-            fitted = fit_prompt(expand_prompt(story, spec.prompt), style.apply if style else str)
+            if spec.prompt not in expanded:
+                expanded[spec.prompt] = expand_prompt(story, spec.prompt)
+            fitted = fit_prompt(expanded[spec.prompt], style.apply if style else str)
             if fitted.dropped is not None:
                 warnings.append(
                     PlanWarning(("frames", i), _over_budget(fitted, characters, story.style))

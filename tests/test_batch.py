@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -374,9 +373,7 @@ def test_animate_refuses_a_story_generate_has_not_finished(tmp_path: Path) -> No
 # ----------------------------------------------------------------------------------- scripts
 
 
-def test_scripts_pass_shellcheck() -> None:
-    shellcheck = shutil.which("shellcheck")
-    assert shellcheck, "install shellcheck (apt-get install -y shellcheck): .ci/run does"
+def test_scripts_pass_shellcheck(shellcheck: str) -> None:
     scripts = sorted([*SCRIPTS.glob("*.sh"), *SCRIPTS.glob("*.sbatch")])
     assert {p.name for p in scripts} >= {
         "render-stories.sh",

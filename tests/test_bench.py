@@ -5,6 +5,7 @@ end to end on the tiny model, resume, and bad input."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +185,7 @@ def test_vistory_story_maps_shots_to_prompts(tmp_path: Path) -> None:
         plan = build_plan(load_story(path, configs), configs)
         assert [f.characters for f in plan.frames][1] == ()  # the [NC] shot
         assert "a small red fox with a white-tipped tail" in plan.frames[0].prompt
-        if method == "one-prompt":  # frames encode the identity, then a window of frame texts
+        if method == "one-prompt":  # frames encode the identity, then the frame texts
             assert "; Little Fox and Old Owl; a hollow oak tree" in plan.frames[0].prompt
         else:
             assert plan.frames[0].prompt.startswith("Wide shot, eye level; The fox wakes up")
@@ -197,13 +198,27 @@ def test_vistory_story_maps_shots_to_prompts(tmp_path: Path) -> None:
 
 def scorer_view(outputs: Path, method: str, mode: str, lang: str) -> dict[str, dict[str, Any]]:
     """What ViStoryBench's loader (vistorybench/dataset_loader/read_outputs.py) finds: story ids
-    (int-sorted folders) under each timestamp, a story's shots in its shots/ subfolder."""
+    (int-sorted folders) under each timestamp, a story's shot images in its shots/ subfolder,
+    keyed by the number in the file name (the evaluators then take `shots[int(shot["index"])]`).
+    """
     found: dict[str, dict[str, Any]] = {}
     for stamp in sorted((outputs / method / mode / lang).iterdir()):
         for story in sorted(stamp.iterdir(), key=lambda p: int(p.name)):
-            shots = sorted((story / "shots").iterdir())
-            found[story.name] = {"stamp": stamp.name, "shots": [p.name for p in shots]}
+            images = [p for p in (story / "shots").iterdir() if p.suffix.lower() == ".png"]
+            shots = {int(re.sub(r"\D", "", p.stem)): p for p in images}
+            found[story.name] = {"stamp": stamp.name, "shots": shots}
     return found
+
+
+def scored_pairs(view: dict[str, dict[str, Any]]) -> dict[str, list[tuple[int, Path | None]]]:
+    """Each dataset shot's `index` and the image the evaluators score its text against (None:
+    skipped), as `shots[int(shot["index"])]` finds it."""
+    pairs = {}
+    for sid, found in view.items():
+        data = json.loads((FIXTURE / "ViStory" / sid / "story.json").read_text("utf-8-sig"))
+        indices = [int(shot["index"]) for shot in data["Shots"]]
+        pairs[sid] = [(i, found["shots"].get(i)) for i in indices]
+    return pairs
 
 
 def test_vistorybench_end_to_end_and_resume(
@@ -215,14 +230,18 @@ def test_vistorybench_end_to_end_and_resume(
     stamp = state["timestamps"]["storydiffusion/en"]
     assert state["failed"] == []
     view = scorer_view(out / "outputs", "storydiff", "storydiffusion", "en")
-    assert view == {
-        "01": {"stamp": stamp, "shots": ["00.png", "01.png", "02.png", "03.png"]},
-        "02": {"stamp": stamp, "shots": ["00.png", "01.png"]},
-    }
+    assert {sid: found["stamp"] for sid, found in view.items()} == {"01": stamp, "02": stamp}
+    # Every shot of the dataset finds its own frame (shot k is frame k), and no image is unused.
+    runs = out / "runs" / "storydiffusion" / "en"
+    for sid, pairs in scored_pairs(view).items():
+        assert [i for i, image in pairs if image is None] == []
+        assert len(pairs) == len(view[sid]["shots"])
+        for position, (_, image) in enumerate(pairs, start=1):
+            frame = runs / f"vistory-{sid}" / f"frame_{position:02d}.png"
+            assert pixels(image) == pixels(frame)
     shots = out / "outputs" / "storydiff" / "storydiffusion" / "en" / stamp / "01" / "shots"
-    run = out / "runs" / "storydiffusion" / "en" / "vistory-01"
-    for i in range(4):
-        assert pixels(shots / f"{i:02d}.png") == pixels(run / f"frame_{i + 1:02d}.png")
+    assert sorted(p.name for p in shots.iterdir()) == ["01.png", "02.png", "03.png", "04.png"]
+    run = runs / "vistory-01"
     frames = json.loads((run / "manifest.json").read_text())["frames"]
     assert frames[1]["characters"] == [] and frames[2]["characters"] == ["Little Fox"]
     assert "--method storydiff --mode storydiffusion --language en" in state["score_with"][0]
@@ -233,6 +252,21 @@ def test_vistorybench_end_to_end_and_resume(
     again = json.loads(run_cli(*args, "--out", out, "--json").stdout)
     assert again["timestamps"] == state["timestamps"]
     assert {p: p.stat().st_mtime_ns for p in (out / "outputs").rglob("*.png")} == mtimes
+
+    # An output folder of the earlier layout (shot files by position from 00.png) is laid out
+    # again from the run folders on resume: renamed, nothing rendered, no stale image left.
+    for image in sorted(shots.iterdir()):
+        image.unlink()
+    for position in range(4):
+        (shots / f"{position:02d}.png").write_bytes(
+            (run / f"frame_{position + 1:02d}.png").read_bytes()
+        )
+    resumed = json.loads(run_cli(*args, "--out", out, "--json").stdout)
+    assert resumed["failed"] == []
+    assert sorted(p.name for p in shots.iterdir()) == ["01.png", "02.png", "03.png", "04.png"]
+    view = scorer_view(out / "outputs", "storydiff", "storydiffusion", "en")
+    for position, (_, image) in enumerate(scored_pairs(view)["01"], start=1):
+        assert pixels(image) == pixels(run / f"frame_{position:02d}.png")
 
 
 def test_vistorybench_bad_datasets_name_file_and_field(tmp_path: Path) -> None:
@@ -263,3 +297,55 @@ def test_vistorybench_bad_datasets_name_file_and_field(tmp_path: Path) -> None:
     assert not out.exists()  # every story is checked before anything is written
     result = run_cli(*base, "--dataset", FIXTURE, "--timestamp", "yesterday", code=2)
     assert "YYYYMMDD-HHMMSS" in result.stderr
+
+
+def test_vistorybench_shot_indices_must_be_distinct(tmp_path: Path) -> None:
+    # The scorer finds a shot's image by its `index`: two shots of one index would share a file.
+    bad = tmp_path / "ViStory" / "03"
+    bad.mkdir(parents=True)
+    story = json.loads((FIXTURE / "ViStory" / "02" / "story.json").read_text("utf-8-sig"))
+    story["Shots"][1]["index"] = story["Shots"][0]["index"]
+    (bad / "story.json").write_text(json.dumps(story))
+    result = run_cli(
+        "bench", "vistorybench", "--dataset", tmp_path, "--out", tmp_path / "o", code=2
+    )
+    assert "Shots[1].index 1 is negative or repeats another shot's" in result.stderr
+    story["Shots"][1]["index"] = "two"
+    (bad / "story.json").write_text(json.dumps(story))
+    result = run_cli(
+        "bench", "vistorybench", "--dataset", tmp_path, "--out", tmp_path / "o", code=2
+    )
+    assert "Shots[1].index must be a whole number" in result.stderr
+
+
+# ----------------------------------------------------------- issue 20: models checked up front
+
+
+def error_lines(result: Any) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.usefixtures("hub_offline")
+def test_consistory_checks_the_scorer_before_generating(tmp_path: Path) -> None:
+    out = tmp_path / "cp"
+    args = ("bench", "consistory-plus", "--model", "tiny", "--limit", "1", "--steps", "1")
+    result = run_cli(*args, "--out", out, code=1)  # the default CLIP is not cached
+    lines = error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "CLIP model 'openai/clip-vit-base-patch32'" in lines[0]
+    assert "hf download openai/clip-vit-base-patch32" in lines[0]
+    assert "Traceback" not in result.output
+    assert list(out.rglob("*.png")) == [] and not (out / "runs").exists()
+
+
+@pytest.mark.usefixtures("hub_offline")
+def test_consistory_error_after_progress_started_is_the_last_line(tmp_path: Path) -> None:
+    # The generation model fails after the items bar appeared: the bars are erased, so the
+    # error is the only thing on stderr (not followed by a stale progress line).
+    out = tmp_path / "cp"
+    args = ("bench", "consistory-plus", "--model", "sdxl", "--clip", "tiny", "--limit", "1")
+    result = run_cli(*args, "--steps", "1", "--out", out, code=1)
+    lines = error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "not in the local Hugging Face cache" in lines[0]
+    assert list(out.rglob("*.png")) == []

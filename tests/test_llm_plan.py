@@ -40,6 +40,7 @@ from storycli.llm.to_story import check_story_text, story_text
 from storycli.story import load_story
 
 KEY = "sk-test-Zq8Rk3DISTINCTIVE0x5f17"  # must never appear in any output
+ECHO = "<the caller's key>"  # in scripted content: replaced by the request's bearer token
 MARA = "a girl with short red hair and a yellow raincoat"
 OLLIE = "a small grey cat with a white chest"
 
@@ -129,7 +130,11 @@ def _handler(llm: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
             if answer.body is not None:
                 self._send(answer.status, answer.body)
                 return
-            message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+            content = answer.content
+            if content is not None and ECHO in content:  # a server echoing the caller's key
+                token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                content = content.replace(ECHO, token)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
             if answer.refusal is not None:
                 message = {"role": "assistant", "content": None, "refusal": answer.refusal}
             reply = {
@@ -818,3 +823,146 @@ def test_replacement_problem() -> None:
 def test_errors_are_the_project_classes() -> None:
     assert issubclass(EndpointError, RuntimeProblem)
     assert issubclass(EndpointRejected, InvalidInput)
+
+
+# ---------------------------------------------------------------- issue 20: deadline, key, --out
+
+
+def _trickler(mode: str, stop: threading.Event) -> type[BaseHTTPRequestHandler]:
+    """A server that sends its answer one byte every 0.4 s: the body (mode "body") or the
+    status line and headers too ("headers"). It stops by itself after ~12 s."""
+    answer = json.dumps(
+        {"choices": [{"message": {"role": "assistant", "content": "{}"}, "finish_reason": "stop"}]}
+    ).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % (len(answer) + 100)
+
+    class Trickle(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            data = head + answer + b" " * 100
+            if mode == "body":
+                self.wfile.write(head)
+                self.wfile.flush()
+                data = data[len(head) :]
+            try:
+                for i in range(30):
+                    if stop.is_set():
+                        return
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.4)
+            except OSError:
+                pass  # the client hung up
+
+    return Trickle
+
+
+@pytest.mark.parametrize("mode", ["body", "headers"])
+def test_llm_timeout_is_a_deadline_for_the_whole_answer(tmp_path: Path, mode: str) -> None:
+    stop = threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _trickler(mode, stop))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    out = tmp_path / "joy.yaml"
+    try:
+        started = time.monotonic()
+        result = run_cli(
+            "plan", "--emotion", "joyful", "--llm-base-url", url, "--llm-model", "m",
+            "--out", out, "--llm-timeout", "1.5", code=1,
+        )  # fmt: skip
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+    # Each byte comes well within the per-read time; only a deadline for the whole answer ends
+    # this before the server's own ~12 s.
+    assert took < 3.5, took
+    line = one_error_line(result)
+    assert "did not answer within 1.5 s" in line and "gave up after 1." in line
+    assert "--llm-timeout" in line
+    assert not out.exists()
+
+
+def test_a_key_echoed_by_the_endpoint_is_redacted_everywhere(
+    llm: ScriptedLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    echoed = json.loads(json.dumps(PLAN))
+    echoed["frames"][1]["prompt"] += f" (api key {ECHO})"
+    echoed["frames"][0]["caption"] = f"Splash! {ECHO}"
+    echoed["title"] = f"A Bright Day {ECHO}"
+    out = tmp_path / "joy.yaml"
+    llm.answer(echoed)
+    ok = plan_cli(llm, "--out", out)
+    assert llm.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    text = out.read_text(encoding="utf-8")
+    assert KEY not in text and KEY not in ok.stdout + ok.stderr
+    assert "(api key ***)" in text and "Splash! ***" in text and ok.stdout == text
+    run_cli("validate", out)
+    llm.answer(echoed)
+    as_json = plan_cli(llm, "--json")
+    assert KEY not in as_json.stdout + as_json.stderr
+    assert "Splash! ***" in json.loads(as_json.stdout)["plan"]["frames"][0]["caption"]
+
+    # In a JSON-escaped spelling too (a key with a / is sent as \/ by some servers).
+    slashed = KEY + "/x"
+    monkeypatch.setenv("OPENAI_API_KEY", slashed)
+    spelled = json.dumps(PLAN).replace("Splash!", "Splash! " + slashed.replace("/", "\\/"))
+    llm.answer(spelled)
+    again = plan_cli(llm, "--json")
+    assert KEY not in again.stdout + again.stderr
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+    # --resolve: the diff, --json and the written file; and an error quoting the answer.
+    draft = tmp_path / "draft.yaml"
+    draft.write_text(DRAFT, encoding="utf-8")
+    resolution = {
+        "replacements": [
+            {"frame": 3, "prompt": f"[Mara] walks down a cobbled street full of flowers {ECHO}"}
+        ]
+    }
+    llm.answer(resolution)
+    diff = run_cli("plan", "--resolve", draft, *llm.base)
+    assert KEY not in diff.stdout + diff.stderr and "flowers ***" in diff.stdout
+    llm.answer(resolution)
+    as_json = run_cli("plan", "--resolve", draft, *llm.base, "--json")
+    assert KEY not in as_json.stdout + as_json.stderr and "flowers ***" in as_json.stdout
+    llm.answer(resolution)
+    written = run_cli("plan", "--resolve", draft, *llm.base, "--write")
+    assert KEY not in written.stdout + written.stderr
+    assert KEY not in draft.read_text(encoding="utf-8")
+    assert "flowers ***" in draft.read_text(encoding="utf-8")
+    bad = {"replacements": [{"frame": 3, "prompt": f"[{ECHO}] walks down a cobbled street"}]}
+    llm.answer(bad, bad, bad)
+    failed = run_cli("plan", "--resolve", draft, *llm.base, code=1)
+    line = one_error_line(failed)
+    assert KEY not in failed.stdout + failed.stderr and "[***] is not a character" in line
+
+
+def test_unwritable_out_fails_before_any_request(
+    llm: ScriptedLLM, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    out = Path("/sys/storydiff-test-plan.yaml")  # read-only even for root
+    result = plan_cli(llm, "--out", out, code=2)
+    line = one_error_line(result)
+    assert f"--out {out}: cannot write in /sys" in line and "choose another --out" in line
+    assert "Traceback" not in result.output and "Errno" not in result.output
+    assert llm.requests == [] and not out.exists()
+
+    # --resolve --write: the story's folder is checked before any request, too.
+    import storycli.paths
+
+    draft = tmp_path / "draft.yaml"
+    draft.write_text(DRAFT, encoding="utf-8")
+    monkeypatch.setattr(
+        storycli.paths, "write_problem", lambda folder: "cannot write there: Read-only file system"
+    )
+    result = run_cli("plan", "--resolve", draft, *llm.base, "--write", code=2)
+    assert "--resolve" in one_error_line(result) and "Read-only file system" in result.stderr
+    assert llm.requests == [] and draft.read_text(encoding="utf-8") == DRAFT

@@ -256,3 +256,82 @@ def test_bad_methods_are_refused(tmp_path: Path, method: Any, message: str) -> N
     path = write(tmp_path, story_data(FRAMES, consistency={"method": method}))
     result = run_cli("validate", path, code=2)
     assert message in result.stderr and "consistency.method" in result.stderr
+
+
+def official_frames(identity: str, texts: list[str], window: int) -> list[tuple[str, str, list]]:
+    """The official rule written out (byliutao/1Prompt1Story@34e22ac, utils.py 228–266): per
+    frame, the prompt encoded, the text expressed and the texts suppressed, in order."""
+    fits, joined = 0, identity
+    for text in texts:  # the window: as many frames as keep the *word* count under 77
+        joined += " " + text
+        if len(joined.split()) >= 77:
+            break
+        fits += 1
+    window = min(window, fits)
+    if window < len(texts):  # circular windows, the frame first
+        rolled = [[texts[(i + j) % len(texts)] for j in range(window)] for i in range(len(texts))]
+        return [(f"{identity} {' '.join(w)}", w[0], w[1:]) for w in rolled]
+    story = f"{identity} {' '.join(texts)}"  # everything fits: one prompt, story order
+    return [(story, t, texts[:i] + texts[i + 1 :]) for i, t in enumerate(texts)]
+
+
+def official_rows(tokenizer: Any, prompt: str, text: str) -> list[int]:
+    """A text's rows as the official code finds them (first matching token run) plus EOT."""
+    ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    words = tokenizer(text, add_special_tokens=False).input_ids
+    start = next(i for i in range(len(ids)) if ids[i : i + len(words)] == words)
+    eot = [i for i, t in enumerate(ids) if t == tokenizer.eos_token_id]
+    return sorted({*range(start, start + len(words)), *eot})
+
+
+@pytest.mark.parametrize(("count", "max_frames"), [(3, 10), (4, 4), (3, 2), (5, 3)])
+def test_prompts_and_token_sets_follow_the_official_rule(
+    tmp_path: Path, tiny_pipe: Any, count: int, max_frames: int
+) -> None:
+    frames = [
+        "[Ann] walks in the park",
+        "[Ann] drinks tea",
+        "[Ann] sings",
+        "[Ann] reads a book",
+        "[Ann] flies a kite",
+    ][:count]
+    story = load_story(write(tmp_path, story_data(frames)), Configs())
+    ours = consolidated_frames(story, "{prompt}", max_frames)
+    texts = [f.split("] ", 1)[1] for f in frames]
+    official = official_frames("a woman with red hair", texts, max_frames)
+    assert [ours[i].prompt for i in range(count)] == [prompt for prompt, _, _ in official]
+    for i, (prompt, express, suppress) in enumerate(official):
+        sets = token_sets(tiny_pipe.tokenizer, ours[i])
+        # The sets reweighted, in the order reweighted: each suppressed text, then the frame's.
+        steps = [(sets.rows(n, True, 77), up) for n, up in sets.steps()]
+        expected = [(official_rows(tiny_pipe.tokenizer, prompt, t), False) for t in suppress]
+        assert steps == [*expected, (official_rows(tiny_pipe.tokenizer, prompt, express), True)]
+    if count <= max_frames:  # story order: every frame encodes the same prompt
+        assert {ours[i].prompt for i in range(count)} == {official[0][0]}
+        assert [ours[i].express for i in range(count)] == list(range(count))
+    else:
+        assert all(ours[i].frames[0] == i and ours[i].express == 0 for i in range(count))
+
+
+def test_story_order_around_nc_frames_and_repeated_texts(tmp_path: Path) -> None:
+    frames = ["[Ann] runs", "[NC] an empty street", "[Ann] sleeps", "[Ann] runs"]
+    story = load_story(write(tmp_path, story_data(frames)), Configs())
+    plan = build_plan(story, Configs())
+    assert set(plan.consolidated) == {0, 2, 3}
+    assert {plan.frames[i].prompt for i in (0, 2, 3)} == {plan.consolidated[0].prompt}
+    assert plan.consolidated[0].frames == (0, 2, 3)
+    # Equal texts express the first of them (what the frame's prompt and own text determine).
+    assert [plan.consolidated[i].express for i in (0, 2, 3)] == [0, 1, 0]
+
+
+def test_singular_value_reweight_runs_in_float64() -> None:
+    x = hand_made()[2:6].double()
+    # The official code: SVD of the rows' transpose, in float64.
+    expected = svr_by_hand(x.numpy().T, 0.01, 0.05).T
+    out = singular_value_reweight(x, alpha=0.01, beta=0.05)
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12)
+    # A float32 embedding: the float64 result, rounded once.
+    single = singular_value_reweight(x.float(), alpha=0.01, beta=0.05)
+    assert single.dtype == torch.float32
+    np.testing.assert_array_max_ulp(single.numpy(), expected.astype(np.float32), maxulp=1)

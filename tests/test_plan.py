@@ -16,7 +16,7 @@ from storycli.config import Configs
 from storycli.plan import Plan, PlanWarning, build_plan
 from storycli.seeds import derive_seed
 from storycli.story import Story, load_story
-from storycli.tokens import count_tokens
+from storycli.tokens import count_tokens, quote
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = {"source": "tiny", "variant": None}
@@ -513,7 +513,9 @@ def test_long_prompt_keeps_the_style_and_warns(tmp_path: Path) -> None:
     # 15 style + 7 identity tokens leave 53 of the frame's 90 one-token words.
     kept = LONG_FRAME.split()[:53]
     assert long.prompt == comic.apply(f"a fox with a blue scarf, {' '.join(kept)}")
-    dropped = " ".join(LONG_FRAME.split()[53:])
+    # The warning quotes at most 80 characters of what was dropped.
+    dropped = quote(" ".join(LONG_FRAME.split()[53:]))
+    assert len(dropped) == 80 and dropped.endswith("…")
     assert plan.warnings == (
         PlanWarning(
             ("frames", 1),

@@ -149,6 +149,15 @@ def _complete(folder: Path) -> bool:
     )
 
 
+def done_before(
+    story_text: str, options: BenchOptions, folder: Path, previous: dict[str, Any] | None
+) -> bool:
+    """Whether `generate` will keep `folder` as an earlier run left it (nothing to load)."""
+    last = (previous or {}).get("generation") or {}
+    key = generation_key(story_text, options)
+    return not options.overwrite and last.get("key") == key and _complete(folder)
+
+
 @contextlib.contextmanager
 def _no_hooks() -> Iterator[Hooks]:
     yield Hooks()
@@ -174,7 +183,7 @@ def generate(
     folder = out / name
     key = generation_key(story_text, options)
     last = (previous or {}).get("generation") or {}
-    if not options.overwrite and last.get("key") == key and _complete(folder):
+    if done_before(story_text, options, folder, previous):
         return Generated(folder, last, kept=True)
     with (hooks.story or _no_hooks)() as story_hooks:
         result = generate_story(

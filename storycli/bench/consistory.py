@@ -30,6 +30,7 @@ from .common import (
     BenchHooks,
     BenchOptions,
     check_methods,
+    done_before,
     generate,
     model_value,
     read_json,
@@ -206,6 +207,24 @@ def run_consistory(
             loaded["clip"] = load_clip(clip, options.device)
         return loaded["clip"]
 
+    def story_of(method: str, prompt_set: PromptSet) -> str:
+        return story_yaml(set_story(prompt_set, method, options), _header(prompt_set, method))
+
+    def record_of(method: str, prompt_set: PromptSet) -> Path:
+        return options.out / "records" / method / f"{prompt_set.id}.json"
+
+    # Every model the work needs, before any of it: the scorer now (a CLIP that cannot be
+    # loaded would otherwise stop the run after the first set was generated); the generation
+    # model loads before the first frame. A rerun with every set done loads neither here.
+    if any(
+        not done_before(
+            story_of(m, s), options, options.out / "runs" / m / s.id, read_json(record_of(m, s))
+        )
+        for m in methods
+        for s in chosen
+    ):
+        clip_model()
+
     records: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     count, number = len(methods) * len(chosen), 0
     for method in methods:
@@ -214,10 +233,10 @@ def run_consistory(
             label = f"{method} {prompt_set.id}"
             if hooks.on_item:
                 hooks.on_item(number, count, label)
-            text = story_yaml(set_story(prompt_set, method, options), _header(prompt_set, method))
+            text = story_of(method, prompt_set)
             story_path = options.out / "stories" / method / f"{prompt_set.id}.yaml"
             write_if_changed(story_path, text)
-            record_path = options.out / "records" / method / f"{prompt_set.id}.json"
+            record_path = record_of(method, prompt_set)
             previous = read_json(record_path)
             made = generate(
                 story_path,

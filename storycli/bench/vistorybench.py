@@ -19,9 +19,13 @@ description), `[NC]` for a shot without characters. Out folder:
     OUT/outputs/storydiff/<mode>/<lang>/<timestamp>/<NN>/shots/<ii>.png   what the scorer reads
     OUT/vistorybench.json                        timestamps (kept, so a rerun resumes), stories
 
-`<mode>` is the consistency method, `<ii>` the shot's position from 00. The scorer's own
-loader (`vistorybench/dataset_loader/read_outputs.py`) takes the story ids directly under the
-timestamp folder and a story's shots from its `shots/` subfolder, in natural order.
+`<mode>` is the consistency method, `<ii>` the shot's own `index` (from 01, as the dataset
+numbers them). The scorer's own loader (`vistorybench/dataset_loader/read_outputs.py`) takes the
+story ids directly under the timestamp folder and a story's shots from its `shots/` subfolder;
+its evaluators find a shot's image by the shot's `index` (keyed by the number in the file name,
+or, in older versions, as position `index - 1` of the natural-order list): named by `index`,
+both find every shot. Images in `shots/` under any other name (e.g. `00.png` … of a run written
+before the files were named so) are removed when the story's shots are laid out again.
 """
 
 from __future__ import annotations
@@ -201,7 +205,16 @@ def load_vistory(folder: Path, lang: str = "en") -> ViStory:
                     f"{path}: {where}.{FIELDS['characters']}.en names '{key}', which is not in "
                     f"`Characters` ({', '.join(characters) or 'none defined'})"
                 )
-        shots.append(Shot(int(entry.get("index", i + 1)), characters=tuple(keys), **texts))
+        try:
+            index = int(entry.get("index", i + 1))
+        except (TypeError, ValueError):
+            raise BenchError(f"{path}: {where}.index must be a whole number") from None
+        if index < 0 or any(s.index == index for s in shots):
+            raise BenchError(
+                f"{path}: {where}.index {index} is negative or repeats another shot's (the scorer "
+                "finds a shot's image by its index)"
+            )
+        shots.append(Shot(index, characters=tuple(keys), **texts))
     return ViStory(folder.name, path, characters, tuple(shots))
 
 
@@ -277,8 +290,26 @@ def output_folder(
     return out / "outputs" / method_dir / mode / lang / timestamp / story_id / "shots"
 
 
-def shot_file(position: int) -> str:
-    return f"{position:02d}.png"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp")  # what the scorer's loader reads
+
+
+def shot_file(index: int) -> str:
+    """A shot's file, named by the dataset's `index` (from 1), which is how the scorer finds
+    it: `shots[int(shot["index"])]` keyed by the file name's number."""
+    return f"{index:02d}.png"
+
+
+def _remove_stray_shots(folder: Path, keep: set[str]) -> int:
+    """Remove images the scorer would read as shots but that are not this story's (files of an
+    older layout named by position from 00.png, or of shots since dropped); their count."""
+    stray = [
+        p
+        for p in (folder.iterdir() if folder.is_dir() else ())
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name not in keep
+    ]
+    for p in stray:
+        p.unlink()
+    return len(stray)
 
 
 def _copy_if_changed(source: Path, target: Path) -> bool:
@@ -377,10 +408,21 @@ def run_vistorybench(
             shots = output_folder(options.out, method, language, stamp, story.id)
             manifest = read_json(made.folder / "manifest.json") or {}
             files = [f["file"] for f in manifest.get("frames", [])]
+            if len(files) != len(story.shots):  # (a damaged run folder)
+                failed.append(label)
+                if hooks.on_note:
+                    hooks.on_note(
+                        f"{label} failed: {made.folder} has {len(files)} frames for "
+                        f"{len(story.shots)} shots; remove it to render the story again"
+                    )
+                continue
+            # Named by the shot's index; an earlier layout's files (by position from 00.png)
+            # are replaced from the run folder, nothing is rendered again.
+            names = {shot_file(shot.index) for shot in story.shots}
             written = sum(
-                _copy_if_changed(made.folder / name, shots / shot_file(i))
-                for i, name in enumerate(files)
-            )
+                _copy_if_changed(made.folder / name, shots / shot_file(shot.index))
+                for shot, name in zip(story.shots, files, strict=True)
+            ) + _remove_stray_shots(shots, names)
             record = {
                 "schema_version": SCHEMA_VERSION,
                 "story": story.id,

@@ -1,12 +1,20 @@
 """1Prompt1Story's prompt consolidation, planned (pure Python: `--dry-run` shows it).
 
 Every frame that shows the story's character(s) is encoded from one prompt holding the identity
-P0 and the frame texts of a window of frames, the frame itself first: "P0 P_j P_j+1 …" inside
-the style's template. Windows run circularly from the frame (as the official code does) and
-are as long as fits in the text encoder's 77 tokens — counted in tokens with the CLIP tokenizer,
-not in words as the official code counts, so nothing is ever cut — and at most `max_frames`.
-The frame's own embedding is then reweighted to express P_j and suppress the others
-(`one_prompt.py`).
+P0 and frame texts, inside the style's template, as the official code (`utils.py`,
+`movement_gen_story_slide_windows`) builds it:
+
+- when every frame fits (at most `max_frames` of them, and "P0 P_1 … P_N" within the budget),
+  every frame encodes that one prompt, in story order, and expresses its own P_j in it;
+- otherwise each frame encodes a circular window starting at itself, "P0 P_j P_j+1 …" (mod N),
+  as long as fits and at most `max_frames`, and expresses its first part.
+
+The budget is the text encoder's 77 tokens, counted in tokens with the CLIP tokenizer (not in
+words as the official code counts, so nothing is ever cut). The frame's own embedding is then
+reweighted to express its part and suppress the others (`one_prompt.py`). Frames whose texts are
+equal (tags removed) express the first of those parts in the shared prompt, as the official code
+(which finds a text's tokens by their first occurrence) does, so a frame's prompt and own text
+decide what it expresses.
 """
 
 from __future__ import annotations
@@ -24,13 +32,15 @@ TEMPLATE_SLOT = "{prompt}"
 @dataclass(frozen=True)
 class Consolidated:
     """One frame's consolidated prompt and the pieces it is made of, in order: the style's
-    prefix, the identity, the window's frame texts (this frame's first), the style's suffix."""
+    prefix, the identity, the frame texts (story order when all fit, else the window from this
+    frame), the style's suffix."""
 
     prefix: str
     identity: str
     parts: tuple[str, ...]
     suffix: str
     frames: tuple[int, ...]  # the story frames of `parts`
+    express: int = 0  # which of `parts` this frame expresses (the others are suppressed)
 
     @property
     def prompt(self) -> str:
@@ -78,6 +88,17 @@ def consolidated_frames(
     texts = {i: frame_text(story.frames[i].prompt) for i in pool}
     identity = identity_text(story)
     out: dict[int, Consolidated] = {}
+    ordered = [texts[i] for i in pool]
+    if pool and len(
+        circular_window(ordered, 0, identity, prefix, suffix, max_frames, tokens)
+    ) == len(pool):
+        # Everything fits: one prompt in story order for every frame.
+        for index in pool:
+            express = ordered.index(texts[index])  # (equal texts: the first of them)
+            out[index] = Consolidated(
+                prefix, identity, tuple(ordered), suffix, tuple(pool), express
+            )
+        return out
     for position, index in enumerate(pool):
         window = circular_window(
             [texts[i] for i in pool], position, identity, prefix, suffix, max_frames, tokens

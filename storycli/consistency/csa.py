@@ -360,14 +360,19 @@ class CSAState:
                 if off
                 else (torch.rand(len(self.layers), generator=segment.stream.generator) < p).tolist()
             )
-        if not all(all(segment.apply) for segment in self.segments):
-            # Which rows skip which layers, copied to the device once for every layer.
-            self._flags = torch.tensor(
-                [segment.apply for segment in self.segments for _ in range(segment.n)],
-                device=device,
-            )
+        self._row_flags()
         if self.phase == "write" or (history and self.store_now):
             self._draw_levels()  # a history frame: samples of its own tokens, to bank
+
+    def _row_flags(self) -> None:
+        """Which rows skip which layers, copied to the device once for every layer (None: no
+        row skips any)."""
+        self._flags = None
+        if not all(all(segment.apply) for segment in self.segments):
+            self._flags = torch.tensor(
+                [segment.apply for segment in self.segments for _ in range(segment.n)],
+                device=self._device,
+            )
 
     def end_step(self) -> None:
         """After the UNet forward: file this step's samples in the bank."""
@@ -380,6 +385,7 @@ class CSAState:
         segment = self.segments[0]
         self.segments = [_Segment(segment.stream, 0, n_images, segment.apply, {})]
         self.rows = n_images
+        self._row_flags()
         self._draw_levels()
 
     def _draw_levels(self) -> None:

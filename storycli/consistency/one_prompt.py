@@ -1,7 +1,8 @@
 """1Prompt1Story (Liu et al., ICLR 2025), training-free: each frame's text embedding comes from
-one consolidated prompt ("identity, frame, other frames…", see `consolidate.py`), reweighted
-so that it expresses its own frame and suppresses the others; identity-preserving
-cross-attention then lets every cross-attention layer also attend to the identity tokens alone.
+one consolidated prompt ("identity, frames…" in story order, or a window from the frame when
+not all fit: see `consolidate.py`), reweighted so that it expresses its own frame and suppresses
+the others; identity-preserving cross-attention then lets every cross-attention layer also
+attend to the identity tokens alone.
 
 Singular-Value Reweighting acts on the penultimate hidden states of each of SDXL's two text
 encoders separately (their columns of the concatenated prompt embedding), as the official code
@@ -36,12 +37,19 @@ class TokenSets:
     """Where a consolidated prompt's pieces sit in the encoder's 77 rows."""
 
     identity_end: int  # rows [0, identity_end): start token, style prefix, identity
-    parts: tuple[tuple[int, int], ...]  # each frame text's rows [start, end), expressed first
+    parts: tuple[tuple[int, int], ...]  # each frame text's rows [start, end), in prompt order
     eot_start: int  # rows [eot_start, length): end token and padding
+    express: int = 0  # the part expressed (`Consolidated.express`); the others are suppressed
 
     def rows(self, part: int, with_eot: bool, length: int) -> list[int]:
         start, end = self.parts[part]
         return list(range(start, end)) + (list(range(self.eot_start, length)) if with_eot else [])
+
+    def steps(self) -> list[tuple[int, bool]]:
+        """The official code's order: (part, enhance) — every other part suppressed, one at a
+        time in prompt order, then the expressed part enhanced."""
+        others = [(n, False) for n in range(len(self.parts)) if n != self.express]
+        return [*others, (self.express, True)]
 
 
 def token_sets(tokenizer: Any, consolidated: Consolidated) -> TokenSets:
@@ -54,30 +62,34 @@ def token_sets(tokenizer: Any, consolidated: Consolidated) -> TokenSets:
     ends = [min(1 + count(text), length - 1) for text in consolidated.cumulative()]
     parts = tuple(itertools.pairwise(ends))
     eot = min(1 + count(consolidated.prompt), length - 1)
-    return TokenSets(ends[0], parts, eot)
+    return TokenSets(ends[0], parts, eot, consolidated.express)
 
 
 def singular_value_reweight(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """σ → β·exp(−α·σ)·σ for every singular value of the rows `x` (float32 SVD)."""
-    u, sigma, vh = torch.linalg.svd(x.float(), full_matrices=False)
+    """σ → β·exp(−α·σ)·σ for every singular value of the rows `x`, in float64 as the official
+    code computes it (`punish_wight` on `.to(float)`; on the CPU where the device has no
+    float64, e.g. MPS)."""
+    work = x.detach().to("cpu" if x.device.type == "mps" else x.device, torch.float64)
+    u, sigma, vh = torch.linalg.svd(work, full_matrices=False)
     sigma = beta * torch.exp(-alpha * sigma) * sigma
-    return ((u * sigma) @ vh).to(x.dtype)
+    return ((u * sigma) @ vh).to(device=x.device, dtype=x.dtype)
 
 
 def reweight(x: torch.Tensor, sets: TokenSets, settings: OnePrompt) -> torch.Tensor:
-    """One encoder's embedding (77, d) of a consolidated prompt, made to express its first
-    frame: `naive` scales rows; `svr` suppresses every other frame's set (its tokens + EOT)
-    one set at a time, then enhances the frame's own (the official code's order); `svr-eot`
-    leaves EOT out of the sets and scales it by `eot_scale` on every SVR call instead."""
+    """One encoder's embedding (77, d) of a consolidated prompt, made to express its frame's
+    part (`sets.express`): `naive` scales rows; `svr` suppresses every other frame's set (its
+    tokens + EOT) one set at a time, then enhances the frame's own (the official code's order);
+    `svr-eot` leaves EOT out of the sets and scales it by `eot_scale` on every SVR call
+    instead."""
     x = x.clone()
     length = x.shape[0]
     if settings.reweight == "naive":
-        for n in range(len(sets.parts)):
-            factor = settings.naive_enhance if n == 0 else settings.naive_suppress
+        for n, enhance in sets.steps():
+            factor = settings.naive_enhance if enhance else settings.naive_suppress
             x[sets.rows(n, False, length)] *= factor
         return x
     with_eot = settings.reweight == "svr"
-    order = [(n, settings.suppress) for n in range(1, len(sets.parts))] + [(0, settings.enhance)]
+    order = [(n, settings.enhance if up else settings.suppress) for n, up in sets.steps()]
     for n, weights in order:
         rows = sets.rows(n, with_eot, length)
         if rows:

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from .. import __version__
 from ..atomic import atomic_write_text
 from ..errors import InvalidInput
+from ..paths import OutputLocationError, inside_folder, write_problem
 from . import DEFAULT_CLIP, EVALUATION_FILE
 from . import metrics as m
 
@@ -175,6 +176,11 @@ def _read_generate(folder: Path, run: _Run) -> None:
                 f"{path}: frames[{i}] lacks `file`, `prompt` or `characters`; not a storydiff "
                 "manifest (run generate again)"
             )
+        if inside_folder(folder, entry["file"]) is None:
+            raise EvaluateError(
+                f"{path}: frames[{i}].file {entry['file']!r} is not a file of this run folder; "
+                "only its own files are read (run generate again)"
+            )
         run.frames.append(
             _Frame(
                 number=int(entry.get("frame", i + 1)),
@@ -245,6 +251,11 @@ def _read_animate(video: Path, run: _Run) -> None:
                     f"{path}: transitions[{i}].{key} {entry[key]} is not a keyframe of "
                     f"{keyframe_folder} any more; run `storydiff animate` again"
                 )
+        if inside_folder(video, entry["file"]) is None:
+            raise EvaluateError(
+                f"{path}: transitions[{i}].file {entry['file']!r} is not a file of this video "
+                "folder; only its own files are read (run `storydiff animate` again)"
+            )
         mp4 = video / entry["file"]
         if not mp4.is_file():
             raise EvaluateError(
@@ -516,7 +527,17 @@ def evaluate_run(
     `clip`: an already loaded `ClipModel`, or a function that loads `options.clip` (a benchmark
     scores many runs with one model, loaded only when a run needs scoring); None: `options.clip`
     is loaded once everything on disk has been read and checked. Raises EvaluateError for a
-    folder that cannot be evaluated, ModelUnavailable for weights."""
+    folder that cannot be evaluated, ModelUnavailable for weights. The run folder is locked
+    meanwhile: another command working in it is refused (`FolderInUse`)."""
+    from ..locks import run_folder_lock
+
+    with run_folder_lock(Path(options.run), "evaluate"):
+        return _evaluate_run(options, hooks, clip)
+
+
+def _evaluate_run(
+    options: EvaluateOptions, hooks: EvaluateHooks | None, clip: Any
+) -> dict[str, Any]:
     hooks = hooks or EvaluateHooks()
     started = time.perf_counter()
     run = read_run(options.run)
@@ -528,6 +549,12 @@ def evaluate_run(
             previous = json.loads(out.read_text(encoding="utf-8"))
             if isinstance(previous, dict) and previous.get("key") == key:
                 return previous
+    # Before any model loads or metric is computed: evaluation.json must be writable there.
+    problem = write_problem(run.folder)
+    if problem is not None:
+        raise OutputLocationError(
+            f"{run.folder}: {problem}; evaluate writes {EVALUATION_FILE} into the run folder"
+        )
     if clip is None:
         from .clip import load_clip
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -38,8 +40,14 @@ class EndpointRejected(InvalidInput):
 
 
 def redact(text: str, secret: str | None) -> str:
-    """`text` with every occurrence of `secret` replaced by `***`."""
-    return text.replace(secret, "***") if secret else text
+    """`text` with every occurrence of `secret` replaced by `***`; also as a JSON string
+    spells it (a model's answer is JSON text: `/` may come as `\\/`, `"` as `\\"`)."""
+    if not secret:
+        return text
+    text = text.replace(secret, "***")
+    for spelled in {json.dumps(secret)[1:-1], secret.replace("/", "\\/")} - {secret}:
+        text = text.replace(spelled, "***")
+    return text
 
 
 def check_base_url(url: str) -> str:
@@ -103,8 +111,16 @@ class Reply:
     finish_reason: str | None
 
 
+class _Late(Exception):
+    """The whole answer did not arrive within the endpoint's timeout."""
+
+
 class ChatClient:
-    """A chat-completions client for one endpoint; use as a context manager or `close()`."""
+    """A chat-completions client for one endpoint; use as a context manager or `close()`.
+
+    `Endpoint.timeout` is a deadline for each whole request (connect, headers, body): httpx's
+    own timeout is per read, which a server sending a byte every few seconds never trips.
+    """
 
     def __init__(self, endpoint: Endpoint, transport: Any = None) -> None:
         try:
@@ -127,6 +143,9 @@ class ChatClient:
             trust_env=host not in _LOOPBACK,
             transport=transport,
         )
+        self._lock = threading.Lock()
+        self._running = False  # a request's thread still reads (one given up on, after close)
+        self._closing = False
 
     def __enter__(self) -> ChatClient:
         return self
@@ -140,7 +159,64 @@ class ChatClient:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        with self._lock:
+            self._closing = True
+            busy = self._running
+        if not busy:
+            # A request given up on still reads on its thread; closing its socket under it
+            # is unsafe, so that thread closes the client when its read ends.
+            self._http.close()
+
+    def _post(self, body: dict[str, Any]) -> Any:
+        """POST `body`, the whole response read within `Endpoint.timeout` seconds in all, or
+        `_Late`. The request runs on a daemon thread the deadline does not wait for; it also
+        stops reading at the deadline, so it ends within one more read."""
+        httpx, url = self._httpx, self.endpoint.url
+        deadline = time.monotonic() + self.endpoint.timeout
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                with self._http.stream("POST", url, json=body) as response:
+                    chunks = []
+                    for chunk in response.iter_bytes():
+                        chunks.append(chunk)
+                        if time.monotonic() > deadline:
+                            raise _Late
+                    headers = response.headers.copy()  # of the decoded body now
+                    for name in ("content-encoding", "content-length", "transfer-encoding"):
+                        headers.pop(name, None)
+                    box["response"] = httpx.Response(
+                        response.status_code,
+                        headers=headers,
+                        content=b"".join(chunks),
+                        request=response.request,
+                        extensions={
+                            k: v
+                            for k, v in response.extensions.items()
+                            if k in ("reason_phrase", "http_version")
+                        },
+                    )
+            except BaseException as exc:  # handed to the caller's thread
+                box["error"] = exc
+            finally:
+                with self._lock:
+                    self._running = False
+                    abandoned = self._closing
+                done.set()
+                if abandoned:
+                    self._http.close()
+
+        worker = threading.Thread(target=run, name="storydiff-llm-request", daemon=True)
+        with self._lock:
+            self._running = True
+        worker.start()
+        if not done.wait(max(0.0, deadline - time.monotonic())) and not done.is_set():
+            raise _Late
+        if "error" in box:
+            raise box["error"]
+        return box["response"]
 
     def _say(self, text: str) -> str:
         return redact(text, self.endpoint.api_key)
@@ -156,12 +232,15 @@ class ChatClient:
         if response_format is not None:
             body["response_format"] = response_format
         log.debug("POST %s (model %s, %d messages)", ep.shown, ep.model, len(messages))
+        started = time.monotonic()
         try:
-            response = self._http.post(ep.url, json=body)
-        except httpx.TimeoutException:
+            response = self._post(body)
+        except (_Late, httpx.TimeoutException):
+            waited = time.monotonic() - started
             raise EndpointError(
                 self._say(
-                    f"the LLM endpoint {ep.shown} did not answer within {ep.timeout:g} s; "
+                    f"the LLM endpoint {ep.shown} did not answer within {ep.timeout:g} s "
+                    f"(--llm-timeout; gave up after {waited:.1f} s without a whole answer); "
                     "raise --llm-timeout, or check that the server is not overloaded"
                 )
             ) from None
@@ -233,7 +312,9 @@ class ChatClient:
                 if isinstance(content, list)
                 else str(content)
             )
-        return Reply(content=content, finish_reason=finish)
+        # A server that echoes the key (in a prompt, a name) must not get it into the story,
+        # stdout, a diff or a message: everything downstream reads only this text.
+        return Reply(content=self._say(content) if content else content, finish_reason=finish)
 
 
 def _squash(text: str, limit: int = _DETAIL_CHARS) -> str:

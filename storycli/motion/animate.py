@@ -12,6 +12,7 @@ first removes the temp files the killed run left.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -26,6 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..atomic import atomic_write_text
 from ..atomic import temp_target as atomic_temp_target
 from ..errors import InvalidInput
+from ..locks import run_folder_lock
 from ..paths import check_writable_folder
 from ..seeds import derive_seed
 from .video import IMAGE_SUFFIXES, temp_target
@@ -421,7 +423,18 @@ def animate(
 ) -> AnimateResult:
     """Make (or resume) the transition videos of a keyframes folder. Raises AnimateError for
     bad input, ModelUnavailable when a decoder's weights are missing. `decoders`: a
-    `DecoderCache` that keeps the decoder for the next folder of a batch."""
+    `DecoderCache` that keeps the decoder for the next folder of a batch. The output folder is
+    locked meanwhile: another command working in it is refused (`FolderInUse`)."""
+    with contextlib.ExitStack() as claim:
+        return _animate(options, hooks, decoders, claim)
+
+
+def _animate(
+    options: AnimateOptions,
+    hooks: AnimateHooks | None,
+    decoders: Any,
+    claim: contextlib.ExitStack,
+) -> AnimateResult:
     from .decoders import DecoderCache
     from .decoders.base import TransitionRequest
     from .predictor import weights_path
@@ -450,6 +463,8 @@ def animate(
         note(text)
     out = options.out or options.keyframes / "video"
     check_writable_folder(out, "--out")
+    # Locked before anything in it is read: a second run on it is refused, not interleaved.
+    claim.enter_context(run_folder_lock(out, "animate", create=True))
     previous = _check_owner(out, options.keyframes, options.overwrite)
     old = {} if options.overwrite else previous  # what may be kept
     loaded_predictor = _load_predictor(options)

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save
 
 from ..atomic import atomic_write_bytes, atomic_write_text, remove_temp_files
 from ..errors import InvalidInput
+from ..locks import folder_lock
 from ..paths import PROBE_NAME, write_problem
 from ..seeds import derive_seed
 from .encoder import ImageEncoder
@@ -72,31 +72,6 @@ def check_writable_folder(folder: Path) -> None:
             f"{folder}: the embedding cache folder is not writable ({problem}); pass --cache DIR "
             "to keep the cache in a folder you can write to"
         )
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path, exclusive: bool, wait: bool = True) -> Iterator[bool]:
-    """Hold an flock on `folder` itself: no lock file to leave behind, and the kernel drops it
-    when the process dies, even by SIGKILL. Yields False when `wait` is False and another
-    process holds a conflicting lock; True (without locking) where flock is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        yield True
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(fd, mode)
-        except BlockingIOError:
-            yield False
-            return
-        except OSError:  # a file system without flock (some network mounts): no locking
-            pass
-        yield True
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _cache_owned(name: str) -> bool:

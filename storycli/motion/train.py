@@ -35,6 +35,7 @@ import torch
 
 from ..atomic import atomic_write_bytes, atomic_write_text, remove_temp_files
 from ..errors import InvalidInput
+from ..locks import folder_lock
 from ..models import resolve_device
 from ..paths import check_writable_folder
 from ..seeds import derive_seed
@@ -48,7 +49,6 @@ from .dataset import (
     build_embedding_cache,
     embedding_center,
     embedding_rms,
-    folder_lock,
     min_video_frames,
     prepare_cache_dir,
     split_videos,

@@ -220,7 +220,19 @@ class PagesError(InvalidInput):
 
 def relayout(folder: Path, layout: str | None = None, font_size: int | None = None) -> list[str]:
     """`storydiff pages`: the pages of an existing run folder from its manifest (frame files,
-    captions, the story's seed, layout and caption size), nothing generated."""
+    captions, the story's seed, layout and caption size), nothing generated. The folder is
+    locked meanwhile (another command working in it is refused), and the manifest's `pages`
+    is updated, so pages of an earlier layout are removed now and by later runs."""
+    from ..locks import run_folder_lock
+
+    with run_folder_lock(folder, "pages"):
+        return _relayout(Path(folder), layout, font_size)
+
+
+def _relayout(folder: Path, layout: str | None, font_size: int | None) -> list[str]:
+    from ..atomic import atomic_write_text, remove_temp_files
+    from ..paths import OutputLocationError, inside_folder, write_problem
+
     path = folder / "manifest.json"
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -234,16 +246,38 @@ def relayout(folder: Path, layout: str | None = None, font_size: int | None = No
         raise PagesError(f"{path}: not a storydiff manifest ({exc})") from None
     if manifest.get("complete") is False:
         raise PagesError(f"{path}: generate has not finished this story; run it again first")
-    files = [f["file"] for f in frames]
+    try:
+        files = [f["file"] for f in frames]
+    except (KeyError, TypeError) as exc:
+        raise PagesError(f"{path}: not a storydiff manifest ({exc})") from None
+    for i, name in enumerate(files):
+        if not isinstance(name, str) or inside_folder(folder, name) is None:
+            raise PagesError(
+                f"{path}: frames[{i}].file {name!r} is not a file of this run folder; only "
+                "its own files are read (run generate again)"
+            )
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         raise PagesError(f"{folder / missing[0]}: listed in manifest.json but missing")
-    return write_pages(
+    problem = write_problem(folder)
+    if problem is not None:
+        raise OutputLocationError(f"{folder}: {problem}; pages are written into the run folder")
+    # A killed `pages` or `generate` left these; nothing else writes here while it is locked.
+    remove_temp_files(
+        folder, lambda name: name in (PDF, path.name) or bool(PAGE_RE.fullmatch(name))
+    )
+    previous = manifest.get("pages")
+    names = write_pages(
         folder,
         files,
         [f.get("caption") for f in frames],
         layout or story.get("layout", "grid"),
         int(story.get("seed", 0)),
         font_size if font_size is not None else story.get("caption_font_size"),
-        previous=manifest.get("pages") or [],
+        previous=[p for p in previous if isinstance(p, str)] if isinstance(previous, list) else [],
     )
+    # The pages now written are what later runs may remove.
+    manifest["pages"] = names
+    manifest["pdf"] = PDF
+    atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return names
