@@ -459,9 +459,36 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 _PYDANTIC_TAG = re.compile(r"^[a-z]+(-[a-z]+)*\[.*\]$")
 
 
+# The members of `str | CharacterSpec` as pydantic names them in an error's location.
+_UNION_MEMBERS = {"str", "constrained-str", "CharacterSpec"}
+
+
 def _clean_loc(loc: tuple[Any, ...]) -> Loc:
-    # Pydantic adds validator tags (e.g. 'function-before[...]') that mean nothing to users.
-    return tuple(p for p in loc if isinstance(p, int) or not _PYDANTIC_TAG.match(p))
+    # Pydantic adds validator tags (e.g. 'function-before[...]') and union members' names
+    # (a character is a description or a mapping) that mean nothing to users.
+    return tuple(
+        p for p in loc if isinstance(p, int) or not (_PYDANTIC_TAG.match(p) or p in _UNION_MEMBERS)
+    )
+
+
+def _union_issues(errors: list[dict[str, Any]]) -> list[tuple[Loc, str]]:
+    """The errors as (location, message), one per problem where a value may be a text or a
+    mapping (a character): the member the value is reports what is wrong with it; a value
+    that is neither gets one line saying what it may be."""
+    out: dict[tuple[Loc, str], None] = {}
+    for error in errors:
+        loc, kind, given = _clean_loc(error["loc"]), error["type"], error.get("input")
+        if set(error["loc"]) & _UNION_MEMBERS and kind in (
+            "string_type",
+            "model_type",
+            "dict_type",
+        ):
+            if isinstance(given, (str, dict)):
+                continue  # the member it is not: the other member's errors say what is wrong
+            out[(loc, "must be a description (text) or a mapping with `description:`")] = None
+        else:
+            out[(loc, _message(error))] = None
+    return list(out)
 
 
 def _message(error: dict[str, Any]) -> str:
@@ -659,7 +686,7 @@ def load_story(
     try:
         story = Story.model_validate(merged)
     except ValidationError as exc:
-        issues = [(_clean_loc(err["loc"]), _message(err)) for err in exc.errors(include_url=False)]
+        issues = _union_issues(exc.errors(include_url=False))
         if "name" in data or "name" in (overrides or {}):
             raise source.error(issues, overrides or ()) from None
         # The name came from the file name: there is no `name:` line to point at.

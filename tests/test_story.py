@@ -929,3 +929,25 @@ def test_non_finite_numbers_are_rejected(tmp_path: Path, line: str, field: str) 
     error = load_error(write(tmp_path, text))
     assert [issue.field for issue in error.issues] == [field]
     assert "finite" in error.issues[0].message
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "message"),
+    [
+        ('""', "characters.Ann", "string should have at least 1 character"),
+        ("5", "characters.Ann", "must be a description (text) or a mapping with `description:`"),
+        ("{image: a.png}", "characters.Ann.description", "required"),
+    ],
+)
+def test_a_bad_character_is_one_line_without_pydantic_names(
+    tmp_path: Path, value: str, field: str, message: str
+) -> None:
+    """A character is a text or a mapping: a bad one gets one line about what it is, not one
+    per member of that union, nor pydantic's names for them."""
+    path = tmp_path / "s.yaml"
+    path.write_text(f'characters:\n  Ann: {value}\nframes: ["[Ann] runs"]\nmodel: tiny\n')
+    result = run_cli("validate", path)
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f" {field}: {message}" in lines[0], result.stderr
+    assert "constrained-str" not in result.stderr and "CharacterSpec" not in result.stderr

@@ -16,10 +16,9 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
+from test_generate import run_cli
 
 import storycli.models
-from storycli.cli import app
 from storycli.keyframes import decode_latents, encode_pictures, vae_upcast
 from storycli.render import read_png_metadata
 from storycli.schedule import RenderSize
@@ -47,15 +46,6 @@ def write_story(path: Path, **changes: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(story, sort_keys=False), encoding="utf-8")
     return path
-
-
-def run_cli(*args: str | Path, code: int = 0) -> Any:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (
-        f"exit {result.exit_code}, expected {code}\nstderr:\n{result.stderr}\n"
-        f"exception: {result.exception!r}"
-    )
-    return result
 
 
 def pixels(folder: Path) -> list[np.ndarray]:
