@@ -37,7 +37,7 @@ def words(n: int) -> str:
 def storydiff(*args: str | Path, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
     """The CLI in its own process: a hang is a TimeoutExpired, not a stuck test run."""
     script = Path(sys.executable).with_name("storydiff")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "storycli.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "storycli"]
     return subprocess.run(
         [*command, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd
     )

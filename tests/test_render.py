@@ -16,11 +16,13 @@ from storycli.render import (
     a1111_parameters,
     atomic_write_bytes,
     atomic_write_text,
+    captions,
     default_columns,
     make_grid,
     read_png_metadata,
     save_png,
 )
+from storycli.render import fonts as caption_fonts
 
 UNICODE = "café 東京 🐱"
 W, H, GAP = 64, 48, 8
@@ -283,7 +285,7 @@ def caption_size(width: int) -> int:
 
 
 def caption_metrics(width: int) -> tuple[int, int]:
-    """(padding, line height) as documented in render._caption_metrics (shipped font metrics)."""
+    """(padding, line height) as documented in captions.caption_metrics (shipped font metrics)."""
     size = caption_size(width)
     ascent, descent = ImageFont.truetype(render.CAPTION_FONT_PATH, size).getmetrics()
     return max(4, size // 4), ascent + descent + max(2, size // 6)
@@ -369,20 +371,20 @@ def test_grid_long_caption_wraps_and_grows_band() -> None:
 
 
 def test_grid_wrap_respects_frame_width() -> None:
-    fonts = render._font_chain(caption_size(192))
+    fonts = caption_fonts.font_chain(caption_size(192))
     font = ImageFont.truetype(render.CAPTION_FONT_PATH, caption_size(192))
     sentence = "The little fox walks through the quiet snowy forest at dawn"
     words = sentence.split()
-    lines = render._wrap(sentence, fonts, 180)
+    lines = captions.wrap_text(sentence, fonts, 180)
     assert len(lines) > 1
     assert " ".join(lines).split() == words
     # ASCII is measured with the shipped font alone.
     assert all(fonts.length(line) == font.getlength(line) <= 180 for line in lines)
     # A single unbreakable word (no spaces, e.g. CJK) is split by characters.
-    pieces = render._wrap("x" * 200, fonts, 50)
+    pieces = captions.wrap_text("x" * 200, fonts, 50)
     assert "".join(pieces) == "x" * 200 and all(font.getlength(p) <= 50 for p in pieces)
     # ... but never between a letter and its combining accent.
-    pieces = render._wrap("e\u0301" * 60, fonts, 30)
+    pieces = captions.wrap_text("e\u0301" * 60, fonts, 30)
     assert "".join(pieces) == "e\u0301" * 60 and len(pieces) > 1
     assert all(p.startswith("e") for p in pieces)
 
@@ -467,7 +469,7 @@ MISSING = "\ue000"  # private use: no glyph in the shipped font (nor in ordinary
 @pytest.fixture
 def shipped_font_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """What a clean CI machine has: no system fallback fonts, only the shipped one."""
-    monkeypatch.setattr(render, "_system_font_files", lambda: ())
+    monkeypatch.setattr(caption_fonts, "_system_font_files", lambda: ())
 
 
 def caption_band(caption: str, width: int = W) -> Image.Image:
@@ -487,8 +489,8 @@ def test_shipped_font_and_licence_are_in_the_package() -> None:
 
 
 def test_cmap_reader_agrees_with_freetype() -> None:
-    """The pure-Python cmap reader says 'covered' exactly where FreeType finds a real glyph."""
-    coverage = render._coverage(str(render.CAPTION_FONT_PATH), 0)
+    """The cmap coverage (fontTools) says 'covered' exactly where FreeType finds a real glyph."""
+    coverage = caption_fonts.font_coverage(str(render.CAPTION_FONT_PATH), 0)
     # BASIC layout looks glyphs up directly (no shaping that hides or substitutes characters).
     font = ImageFont.truetype(render.CAPTION_FONT_PATH, 12, layout_engine=ImageFont.Layout.BASIC)
 
@@ -506,7 +508,7 @@ def test_cmap_reader_agrees_with_freetype() -> None:
 
 @pytest.mark.usefixtures("shipped_font_only")
 def test_grid_draws_accents_greek_cyrillic_and_punctuation() -> None:
-    coverage = render._coverage(str(render.CAPTION_FONT_PATH), 0)
+    coverage = caption_fonts.font_coverage(str(render.CAPTION_FONT_PATH), 0)
     box = caption_band(MISSING)  # what a character without a glyph looks like (.notdef)
     assert any(max(px) < 128 for px in box.getdata())
     for caption in INTERNATIONAL:
@@ -548,7 +550,7 @@ def system_has_cjk_font() -> bool:
         listed = subprocess.run([fc_list, ":lang=zh", "file"], capture_output=True, check=False)
         if listed.stdout.strip():
             return True
-    return any(path.is_file() for path in render._well_known_cjk_fonts())
+    return any(path.is_file() for path in caption_fonts._well_known_cjk_fonts())
 
 
 def test_cjk_uses_a_system_font_or_is_reported() -> None:
@@ -568,9 +570,10 @@ def test_font_chain_runs_pick_first_covering_font() -> None:
     """Per-character fallback: each run goes to the first font with its glyphs; marks and
     joiners stay in their run; invisible characters no font has are dropped."""
     base = ImageFont.truetype(render.CAPTION_FONT_PATH, 20)
-    latin = render._CaptionFont(base, render._Coverage((0x20, 0x61), (0x20, 0x7A)))
-    other = render._CaptionFont(base, render._Coverage((0x30, 0x61, 0x300), (0x39, 0x7A, 0x301)))
-    chain = render._FontChain([latin, other])
+    CaptionFont, Coverage = caption_fonts.CaptionFont, caption_fonts.Coverage
+    latin = CaptionFont(base, Coverage((0x20, 0x61), (0x20, 0x7A)))
+    other = CaptionFont(base, Coverage((0x30, 0x61, 0x300), (0x39, 0x7A, 0x301)))
+    chain = caption_fonts.FontChain([latin, other])
     runs = [(fonts is other, text) for fonts, text in chain.runs("ab 12\u0301c\u200d d\ue000")]
     assert runs == [(False, "ab "), (True, "12\u0301"), (False, "c d\ue000")]
     assert chain.length("ab 12c") == pytest.approx(base.getlength("ab ") + base.getlength("12c"))
@@ -580,8 +583,8 @@ def test_font_chain_runs_pick_first_covering_font() -> None:
 def test_scaled_bitmap_font_is_measured_and_drawn_scaled() -> None:
     """Bitmap-only fonts (colour emoji) open at a fixed strike size and are scaled to fit."""
     big = ImageFont.truetype(render.CAPTION_FONT_PATH, 80)
-    coverage = render._coverage(str(render.CAPTION_FONT_PATH), 0)
-    chain = render._FontChain([render._CaptionFont(big, coverage, 0.25)])
+    coverage = caption_fonts.font_coverage(str(render.CAPTION_FONT_PATH), 0)
+    chain = caption_fonts.FontChain([caption_fonts.CaptionFont(big, coverage, 0.25)])
     assert chain.length("Hello") == pytest.approx(big.getlength("Hello") / 4)
     band = Image.new("RGB", (100, 40), WHITE)
     chain.draw(band, 10, 0, "Hello")

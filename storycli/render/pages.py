@@ -24,7 +24,8 @@ from PIL import Image
 
 from ..atomic import atomic_write_bytes
 from ..errors import InvalidInput
-from . import _caption_metrics, _flatten, _wrap, make_grid
+from .captions import caption_metrics, wrap_text
+from .grid import flatten, make_grid
 from .layouts import LAYOUTS
 
 BORDER = 10  # pixels around and between panels
@@ -44,12 +45,12 @@ def draw_panel(panel: Panel, size: tuple[int, int], font_size: int | None = None
     width, height = size
     if panel.image is None:
         return Image.new("RGB", size, BLANK)
-    tile = _flatten(panel.image, size)
+    tile = flatten(panel.image, size)
     text = (panel.caption or "").strip()
     if not text:
         return tile
-    fonts, pad, line_height = _caption_metrics(width, font_size)
-    lines = _wrap(text, fonts, max(1, width - 2 * pad))
+    fonts, pad, line_height = caption_metrics(width, font_size)
+    lines = wrap_text(text, fonts, max(1, width - 2 * pad))
     fit = max(0, min(len(lines), (height // 2 - 2 * pad) // max(1, line_height)))
     if fit == 0:
         return tile

@@ -1,8 +1,8 @@
-"""What every `storydiff` command shares: the Typer app, options, logging and the one rule that
-turns failures into a sentence and an exit code.
+"""What every `storydiff` command shares: the command classes, options, logging and the one rule
+that turns failures into a sentence and an exit code.
 
-Imported by cli.py and cli_motion.py (which register their commands on `app`); it imports
-neither, so command modules never import each other.
+Imported by the command modules of this package; it imports none of them, and the `app` lives in
+`storycli.cli` (`__init__.py`), which wires every command on it.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from .batch.runner import describe_failure
-from .errors import EXIT_INTERRUPTED, EXIT_INVALID
-from .story import StoryError
+from ..batch.runner import describe_failure
+from ..errors import EXIT_INTERRUPTED, EXIT_INVALID
+from ..story import StoryError
 
 
 class _PlainHelp:
@@ -59,20 +59,9 @@ def _refuse_empty_out(command: Any, args: list[str]) -> None:
             )
 
 
-class _Group(_PlainHelp, TyperGroup):
-    pass
+class Group(_PlainHelp, TyperGroup):
+    """The class of the `storydiff` app and its command groups (`typer.Typer(cls=Group)`)."""
 
-
-app = typer.Typer(
-    cls=_Group,
-    name="storydiff",
-    help="Turn a written story (YAML) into consistent keyframes of the same characters.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")

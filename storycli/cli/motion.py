@@ -1,5 +1,5 @@
-"""`storydiff animate` and `storydiff train-predictor` (stage two), registered on the shared app
-when cli.py imports this module; as there, heavy imports happen inside the commands."""
+"""`storydiff animate` and `storydiff train-predictor` (stage two), wired on the app in
+`storycli.cli`; as everywhere there, heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from .batch.runner import run_batch
-from .batch.shard import resolve_shard
-from .cli_batch import (
+from ..batch.runner import run_batch
+from ..batch.shard import resolve_shard
+from ..motion import DECODERS
+from ..progress import progress_bars
+from .batch import (
     FailFast,
     JsonLinesOpt,
     LogDir,
@@ -24,8 +26,7 @@ from .cli_batch import (
     report_item,
     shard_device_for,
 )
-from .cli_common import (
-    Command,
+from .common import (
     Device,
     Dtype,
     Flag,
@@ -33,26 +34,23 @@ from .cli_common import (
     Offload,
     Quiet,
     Verbose,
-    app,
     choice,
     configure_logging,
     run_guarded,
     stderr_console,
 )
-from .motion import DECODERS
-from .progress import progress_bars
 
-
-@app.command(
-    cls=Command,
-    epilog="[bold]Examples[/]\n\n"
+ANIMATE_EPILOG = (
+    "[bold]Examples[/]\n\n"
     "  storydiff animate outputs/lighthouse\n\n"
     "  storydiff animate outputs/lighthouse --decoder animatediff --predictor runs/smp\n\n"
     "  storydiff animate my_drawings/ --decoder latent-slerp --frames 24 --fps 12 --hold 0.5\n\n"
     "  storydiff animate outputs/fox-compare --decoder animatediff --model tiny --frames 8\n\n"
     "  storydiff animate outputs/            (every generate run folder in outputs/)\n\n"
-    "  storydiff animate 'outputs/ep*' --shard 1/2 --log-dir logs",
+    "  storydiff animate 'outputs/ep*' --shard 1/2 --log-dir logs"
 )
+
+
 def animate(
     keyframes: Annotated[
         list[str],
@@ -142,9 +140,9 @@ def animate(
     code 3: some failed); under a launcher each process animates its share of the folders.
     """
     configure_logging(verbose, quiet)
-    from .batch.inputs import expand_keyframe_folders
-    from .motion.animate import AnimateOptions
-    from .motion.decoders import DecoderCache
+    from ..batch.inputs import expand_keyframe_folders
+    from ..motion.animate import AnimateOptions
+    from ..motion.decoders import DecoderCache
 
     folders = run_guarded(lambda: expand_keyframe_folders(keyframes), verbose)
     this_shard = run_guarded(lambda: resolve_shard(shard), verbose)
@@ -213,8 +211,8 @@ def describe_animated(record: dict[str, Any]) -> str:
 
 def animate_folder(options: Any, console: Any, show: bool, quiet: bool, decoders: Any) -> Any:
     """One keyframe folder through `motion.animate.animate`, with its progress bars."""
-    from .motion.animate import AnimateHooks
-    from .motion.animate import animate as run_animate
+    from ..motion.animate import AnimateHooks
+    from ..motion.animate import animate as run_animate
 
     with progress_bars(console, show, info=True) as progress:
         tasks: dict[str, Any] = {}
@@ -264,15 +262,15 @@ def animate_folder(options: Any, console: Any, show: bool, quiet: bool, decoders
         return run_animate(options, hooks, decoders)
 
 
-@app.command(
-    "train-predictor",
-    cls=Command,
-    epilog="[bold]Examples[/]\n\n"
+TRAIN_PREDICTOR_EPILOG = (
+    "[bold]Examples[/]\n\n"
     "  storydiff train-predictor --data ~/videos --out runs/smp\n\n"
     "  storydiff train-predictor --data ~/videos --out runs/smp --resume --max-steps 20000\n\n"
     "  storydiff train-predictor --data clips/ --encoder tiny --frames 8 --max-steps 300 "
-    "--out /tmp/smp",
+    "--out /tmp/smp"
 )
+
+
 def train_predictor(
     data: Annotated[
         Path,
@@ -340,8 +338,8 @@ def train_predictor(
     the linear baseline (`gain` > 0: better than lerp).
     """
     configure_logging(verbose, quiet)
-    from .motion.train import TrainHooks, TrainOptions
-    from .motion.train import train_predictor as run_training
+    from ..motion.train import TrainHooks, TrainOptions
+    from ..motion.train import train_predictor as run_training
 
     options = TrainOptions(
         data=data,

@@ -1,5 +1,5 @@
-"""`storydiff bench consistory-plus` and `storydiff bench vistorybench`, registered on the shared
-app (as the `bench` group) when cli.py imports this module; heavy imports happen inside."""
+"""`storydiff bench consistory-plus` and `storydiff bench vistorybench`, on `bench_app`, which
+`storycli.cli` adds to the app as the `bench` group; heavy imports happen inside."""
 
 from __future__ import annotations
 
@@ -15,36 +15,34 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .bench import BENCH_METHODS
-from .cli_common import (
+from ..bench import BENCH_METHODS
+from ..errors import EXIT_INVALID, EXIT_SOME_FAILED
+from ..evaluate import DEFAULT_CLIP
+from ..progress import progress_bars
+from .common import (
     Command,
     Device,
     Dtype,
     Flag,
+    Group,
     JsonOpt,
     Offload,
     Quiet,
     Verbose,
-    _Group,
-    app,
     configure_logging,
     fail,
     run_guarded,
     stderr_console,
 )
-from .errors import EXIT_INVALID, EXIT_SOME_FAILED
-from .evaluate import DEFAULT_CLIP
-from .progress import progress_bars
 
 bench_app = typer.Typer(
-    cls=_Group,
+    cls=Group,
     help="Run public story benchmarks with storydiff: ConsiStory+ (scored here) and "
     "ViStoryBench (laid out for its own scorer).",
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.add_typer(bench_app, name="bench")
 
 
 def _methods(value: list[str] | None) -> list[str] | None:
@@ -129,7 +127,7 @@ def _options(
     frame_batch: int | None,
     overwrite: bool,
 ) -> Any:
-    from .bench.common import BenchOptions
+    from ..bench.common import BenchOptions
 
     width_height = tuple(int(v) for v in size.split("x")) if size else None
     return BenchOptions(
@@ -196,7 +194,7 @@ class _Display:
 
     @contextlib.contextmanager
     def story(self) -> Iterator[Any]:
-        from .generate import Hooks
+        from ..generate import Hooks
 
         def on_start(frames: int, steps: int) -> None:
             if self.steps is None:
@@ -222,7 +220,7 @@ class _Display:
         yield Hooks(on_model=on_model, on_start=on_start, on_step=on_step, on_warning=on_warning)
 
     def hooks(self) -> Any:
-        from .bench.common import BenchHooks
+        from ..bench.common import BenchHooks
 
         return BenchHooks(on_note=self.note, on_item=self.on_item, story=self.story)
 
@@ -271,8 +269,8 @@ def consistory_plus(
     comparison. A rerun skips every set that is done, without loading a model.
     """
     configure_logging(verbose, quiet)
-    from .bench.consistory import run_consistory
-    from .evaluate.run_scores import EvaluateHooks
+    from ..bench.consistory import run_consistory
+    from ..evaluate.run_scores import EvaluateHooks
 
     options = _options(
         out, model, methods, BENCH_METHODS, limit, steps, size, seed, device, dtype, offload,
@@ -306,7 +304,7 @@ def consistory_plus(
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
     if not quiet:
-        from .bench.table import COLUMNS, PUBLISHED, consistory_rows, row_cells
+        from ..bench.table import COLUMNS, PUBLISHED, consistory_rows, row_cells
 
         table = Table(title="ConsiStory+ (published rows: 1Prompt1Story Table 1)")
         for _, title in COLUMNS:
@@ -387,7 +385,7 @@ def vistorybench(
     prints the bench_run.py line that scores them. A rerun resumes in the same timestamp folder.
     """
     configure_logging(verbose, quiet)
-    from .bench.vistorybench import run_vistorybench
+    from ..bench.vistorybench import run_vistorybench
 
     options = _options(
         out, model, methods, ("storydiffusion",), limit, steps, size, seed, device, dtype,

@@ -1,4 +1,5 @@
-"""The `storydiff` command line. Thin: parse options, call one function per command, print.
+"""`storydiff validate`, `generate` and `pages`: the commands on story files and their runs.
+Thin: parse options, call one function per command, print.
 
 torch and diffusers are imported only inside `generate`, so `--help` and `validate` are instant.
 """
@@ -14,9 +15,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
-from .batch.shard import resolve_shard
-from .cli_batch import (
+from ..batch.shard import resolve_shard
+from ..config import ConfigFileError, Configs
+from ..errors import EXIT_INVALID
+from ..render.layouts import LAYOUTS
+from ..story import StoryError
+from .batch import (
     FailFast,
     JsonLinesOpt,
     LogDir,
@@ -27,8 +31,7 @@ from .cli_batch import (
     report_item,
     shard_device_for,
 )
-from .cli_common import (
-    Command,
+from .common import (
     Device,
     Dtype,
     Flag,
@@ -36,7 +39,6 @@ from .cli_common import (
     Offload,
     Quiet,
     Verbose,
-    app,
     at_least_one,
     choice,
     configure_logging,
@@ -45,36 +47,6 @@ from .cli_common import (
     stderr_console,
     story_error,
 )
-from .config import ConfigFileError, Configs
-from .errors import EXIT_INVALID
-from .render.layouts import LAYOUTS
-from .story import StoryError
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"storydiff {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main_callback(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, metavar="", help="Print the version."
-        ),
-    ] = False,
-) -> None:
-    """Turn a written story (YAML) into consistent keyframes of the same characters.
-
-    [bold]Examples[/]
-
-      storydiff validate stories/lighthouse.yaml
-      storydiff generate stories/lighthouse.yaml --dry-run
-      storydiff generate stories/two_friends.yaml --model tiny
-    """
-
 
 StoryArg = Annotated[
     Path,
@@ -93,11 +65,12 @@ def _warn(console: Console, path: Path, warnings: Any) -> None:
         )
 
 
-@app.command(
-    cls=Command,
-    epilog="[bold]Examples[/]\n\n  storydiff validate stories/lighthouse.yaml\n\n"
-    "  storydiff validate stories/ --json",
+VALIDATE_EPILOG = (
+    "[bold]Examples[/]\n\n  storydiff validate stories/lighthouse.yaml\n\n"
+    "  storydiff validate stories/ --json"
 )
+
+
 def validate(
     stories: Annotated[
         list[str],
@@ -107,9 +80,9 @@ def validate(
 ) -> None:
     """Check story files without loading any model. Exit code 2 if any is invalid; warnings
     (e.g. a prompt over the text encoder's 77 tokens) do not change the exit code."""
-    from .batch.inputs import expand_stories
-    from .plan import build_plan
-    from .story import load_story
+    from ..batch.inputs import expand_stories
+    from ..plan import build_plan
+    from ..story import load_story
 
     configs = Configs()
     console = stderr_console()
@@ -180,9 +153,8 @@ def _print_plan(plan: Any, console: Console) -> None:
     console.print(table)
 
 
-@app.command(
-    cls=Command,
-    epilog="[bold]Examples[/]\n\n"
+GENERATE_EPILOG = (
+    "[bold]Examples[/]\n\n"
     "  storydiff generate stories/lighthouse.yaml\n\n"
     "  storydiff generate stories/two_friends.yaml --model tiny --out /tmp/out\n\n"
     "  storydiff generate stories/lighthouse.yaml --dry-run\n\n"
@@ -191,8 +163,10 @@ def _print_plan(plan: Any, console: Console) -> None:
     "  storydiff generate 'episodes/*.yaml' --shard 0/2  (this process: half of them)\n\n"
     "  torchrun --nproc_per_node 4 --no-python storydiff generate stories/\n\n"
     "  storydiff generate stories/lighthouse.yaml --compile\n\n"
-    "  storydiff generate story.yaml --model ./models/my-sdxl.safetensors --dtype float16",
+    "  storydiff generate story.yaml --model ./models/my-sdxl.safetensors --dtype float16"
 )
+
+
 def generate(
     stories: Annotated[
         list[str],
@@ -298,10 +272,10 @@ def generate(
     failing does not stop the others (exit code 3: some failed). Under torchrun, `accelerate
     launch` or a SLURM array each process renders its share (one story: its share of the frames).
     """
-    from .batch.inputs import expand_stories
-    from .batch.runner import run_batch
-    from .batch.shard import assign
-    from .generate import GenerateOptions, load_plan
+    from ..batch.inputs import expand_stories
+    from ..batch.runner import run_batch
+    from ..batch.shard import assign
+    from ..generate import GenerateOptions, load_plan
 
     paths = run_guarded(lambda: expand_stories(stories), verbose)
     this_shard = run_guarded(lambda: resolve_shard(shard), verbose)
@@ -331,7 +305,7 @@ def generate(
     shown = display_shard(this_shard)
     show = not (quiet or json_out) and shown.leader
     lines = None if shown.leader or quiet else f"[{shown.label}]"
-    from .model_cache import ModelCache
+    from ..model_cache import ModelCache
 
     models = ModelCache()
 
@@ -343,8 +317,8 @@ def generate(
             _warn(console, path, plan.warnings)
             _print_plan(plan, Console(highlight=False))
             return {}
-        from .generate import generate_story
-        from .progress import StoryProgress
+        from ..generate import generate_story
+        from ..progress import StoryProgress
 
         if not quiet:
             _warn(console, path, plan.warnings)
@@ -376,11 +350,12 @@ def describe_generated(record: dict[str, Any]) -> str:
     return f"{made} frame(s) generated, {kept} unchanged"
 
 
-@app.command(
-    cls=Command,
-    epilog="[bold]Examples[/]\n\n  storydiff pages outputs/lighthouse --layout classic\n\n"
-    "  storydiff pages outputs/lighthouse --layout four-panel --caption-font-size 28",
+PAGES_EPILOG = (
+    "[bold]Examples[/]\n\n  storydiff pages outputs/lighthouse --layout classic\n\n"
+    "  storydiff pages outputs/lighthouse --layout four-panel --caption-font-size 28"
 )
+
+
 def pages(
     run_folder: Annotated[
         Path, typer.Argument(help="A `generate` output folder.", show_default=False)
@@ -400,7 +375,7 @@ def pages(
 ) -> None:
     """Lay out an existing run's frames as comic pages again (page_01.png, … and comic.pdf),
     without generating anything."""
-    from .render.pages import relayout
+    from ..render.pages import relayout
 
     written = run_guarded(lambda: relayout(run_folder, layout, caption_font_size), verbose)
     stderr_console().print(
@@ -426,17 +401,3 @@ def print_done(console: Console, result: Any, lines: str | None) -> None:
         highlight=False,
         soft_wrap=True,
     )
-
-
-def main() -> None:
-    app()
-
-
-# The other commands live in their own modules; importing them registers them on `app`, in
-# this order in --help (stage two, then scoring, then planning).
-# isort: off
-from . import cli_motion  # noqa: E402, F401
-from . import cli_evaluate  # noqa: E402, F401
-from . import cli_bench  # noqa: E402, F401
-from . import cli_plan  # noqa: E402, F401
-# isort: on

@@ -1,5 +1,5 @@
-"""`storydiff evaluate`, registered on the shared app when cli.py imports this module; torch and
-transformers are imported inside the command, so `--help` stays instant."""
+"""`storydiff evaluate` (wired on the app in `storycli.cli`); torch and transformers are imported
+inside the command, so `--help` stays instant."""
 
 from __future__ import annotations
 
@@ -12,19 +12,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import (
-    Command,
+from ..evaluate import DEFAULT_CLIP, EVALUATION_FILE
+from ..progress import progress_bars
+from .common import (
     Device,
     JsonOpt,
     Quiet,
     Verbose,
-    app,
     configure_logging,
     run_guarded,
     stderr_console,
 )
-from .evaluate import DEFAULT_CLIP, EVALUATION_FILE
-from .progress import progress_bars
 
 ClipOpt = Annotated[
     str,
@@ -38,7 +36,7 @@ ClipOpt = Annotated[
 
 def evaluation_hooks(console: Console, progress: Any, quiet: bool) -> Any:
     """Progress and notes of one evaluation (shared with the benchmarks)."""
-    from .evaluate.run_scores import EvaluateHooks
+    from ..evaluate.run_scores import EvaluateHooks
 
     tasks: dict[str, Any] = {}
 
@@ -56,7 +54,7 @@ def evaluation_hooks(console: Console, progress: Any, quiet: bool) -> Any:
 
 def print_evaluation(document: dict[str, Any], console: Console) -> None:
     """The run-level numbers, then one row per transition of a video."""
-    from .evaluate.run_scores import summary_rows
+    from ..evaluate.run_scores import summary_rows
 
     table = Table(title=escape(document["run"]), title_justify="left")
     table.add_column("metric")
@@ -84,14 +82,15 @@ def print_evaluation(document: dict[str, Any], console: Console) -> None:
         console.print(rows)
 
 
-@app.command(
-    cls=Command,
-    epilog="[bold]Examples[/]\n\n"
+EVALUATE_EPILOG = (
+    "[bold]Examples[/]\n\n"
     "  storydiff evaluate outputs/lighthouse\n\n"
     "  storydiff evaluate outputs/lighthouse --clip openai/clip-vit-large-patch14 --json\n\n"
     "  storydiff evaluate outputs/lighthouse/video      (the transitions only)\n\n"
-    "  storydiff evaluate /tmp/out/two-friends --clip tiny   (offline smoke run)",
+    "  storydiff evaluate /tmp/out/two-friends --clip tiny   (offline smoke run)"
 )
+
+
 def evaluate(
     run_folder: Annotated[
         Path,
@@ -115,7 +114,7 @@ def evaluate(
     'storydiff\\[eval]'), else reported as "not installed".
     """
     configure_logging(verbose, quiet)
-    from .evaluate.run_scores import EvaluateOptions, evaluate_run
+    from ..evaluate.run_scores import EvaluateOptions, evaluate_run
 
     console = stderr_console()
     show = not (quiet or json_out)
