@@ -14,7 +14,7 @@ PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 pythonpath=$PWD
 
-if ! "$PYTHON" -c "import diffusers, pydantic" 2>/dev/null; then
+if ! "$PYTHON" -c "import diffusers, pydantic, fontTools" 2>/dev/null; then
     shopt -s nullglob
     wheels=(benchmarks/.whl/*.whl)
     if [ ${#wheels[@]} -eq 0 ]; then

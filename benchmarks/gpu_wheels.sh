@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Download, on a machine with the package index, the wheels the lent GPU machine lacks
 # (/work/shared/spec/gpu-machine.md: diffusers, pydantic and its parts, typer, click,
-# typing_extensions) into benchmarks/.whl/, for Python 3.12 on x86_64 Linux. The versions are
+# typing_extensions; fonttools, which captions need since render/ reads fonts with it) into
+# benchmarks/.whl/, for Python 3.12 on x86_64 Linux. The versions are
 # the ones installed in .venv, so the GPU run uses what the tests here ran with (diffusers is
 # pinned to 0.42.1 either way). imageio-ffmpeg is left out: `generate` does not need it.
 #
@@ -21,7 +22,8 @@ pin() {
 }
 
 packages=(diffusers==0.42.1)
-for name in pydantic pydantic_core annotated-types typing-inspection typer click typing_extensions; do
+for name in pydantic pydantic_core annotated-types typing-inspection typer click typing_extensions \
+    fonttools; do
     packages+=("$(pin "$name")")
 done
 
