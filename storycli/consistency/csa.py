@@ -224,7 +224,6 @@ class CSAState:
         # sampled tokens' keys and values, as projected in the write forward, so read frames
         # attend to them without projecting them again.
         self.bank: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-        self.streams: list[CallStream] = []
         self.segments: list[_Segment] = []
         self.rows = 1  # rows per CFG group in the forward
         self.peak_bank_bytes = 0  # the largest bank the story loop dropped
@@ -279,7 +278,6 @@ class CSAState:
                 raise ValueError("a read call with rolling history runs alone")
             if len({s.step for s in streams}) > 1:
                 raise ValueError("calls sharing a forward must be at the same step")
-        self.streams = list(streams)
         self.segments, start = [], 0
         for stream in streams:
             self.segments.append(_Segment(stream, start, stream.n_images, [], {}))
@@ -290,8 +288,8 @@ class CSAState:
 
     def leave(self) -> None:
         """After the forward(s) of `enter`: keep each call's step count for its next step."""
-        for stream in self.streams:
-            stream.step = self.step
+        for segment in self.segments:
+            segment.stream.step = self.step
         self.end_call()
 
     def begin_call(
@@ -348,7 +346,7 @@ class CSAState:
         self._latent_size = (latent_height, latent_width)
         self._device = device
         self.csa_now = self.phase != "off" and self.step >= self.settings.warmup_steps
-        history = self.phase == "read" and self.streams[0].history_key is not None
+        history = self.phase == "read" and self.segments[0].stream.history_key is not None
         self.store_now = (self.phase == "write" or history) and self._banks_step(self.step)
         if self.phase == "off":
             return
@@ -584,11 +582,12 @@ def _extra_bias(
     when every row reads every extra key."""
     if valid is None and flags is None:
         return None
-    rows = valid.shape[0] if valid is not None else flags.shape[0]  # type: ignore[union-attr]
-    keep = valid if valid is not None else torch.ones(rows, extra, dtype=torch.bool)
-    keep = keep.to(like.device)
-    if flags is not None:
-        keep = keep & flags[:, None].to(like.device)
+    # Both are on the model's device already: no copy per layer.
+    if valid is None:
+        keep = flags[:, None].expand(-1, extra)  # type: ignore[index]
+    else:
+        keep = valid if flags is None else valid & flags[:, None]
+    rows = keep.shape[0]
     # Rows are [CFG group 0: rows…, group 1: rows…]: the same mask for every group.
     hidden = torch.where(keep, 0.0, float("-inf")).to(like.dtype).repeat(like.shape[0] // rows, 1)
     return torch.cat([like.new_zeros(hidden.shape[0], own), hidden], dim=1)[:, None, None, :]
