@@ -3,7 +3,8 @@
 
 Builds the real SDXL base UNet architecture (``sdxl_unet_config.json``, 2.57 B parameters) with
 random weights — nothing is downloaded — and times the UNet forwards a storydiff story runs,
-with CSA driven exactly as the story loop (``storycli.keyframes.generate_keyframes``) drives it:
+with CSA driven exactly as the story loop
+(``storycli.keyframes.loop.generate_keyframes``) drives it:
 ``CSAState.open_call`` once per plan call, ``enter(streams)`` / ``leave()`` around each forward,
 ``drop_step`` once every frame has read the step's bank.
 
@@ -114,7 +115,7 @@ def build_unet(model: str, dtype_name: str, device_name: str, seed: int) -> tupl
     dtype = getattr(torch, dtype_name)
     device = torch.device(device_name)
     if model == "tiny":
-        from storycli.tiny import TINY_VAE_SCALE_FACTOR, build_tiny_sdxl_pipeline
+        from storycli.weights.tiny import TINY_VAE_SCALE_FACTOR, build_tiny_sdxl_pipeline
 
         unet = build_tiny_sdxl_pipeline(dtype=dtype).unet
         scale = TINY_VAE_SCALE_FACTOR
@@ -195,7 +196,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from storycli.consistency import csa as csa_module
-    from storycli.models import device_description
+    from storycli.weights.devices import device_description
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -352,7 +353,7 @@ def summarize(
 
 def read_chunks(reads: int, micro_batch: int) -> list[int]:
     """The sizes of the read forwards of `reads` frames in micro-batches (the last may be
-    smaller), as `storycli.keyframes.story_chunks` groups them."""
+    smaller), as `storycli.keyframes.loop.story_chunks` groups them."""
     full, rest = divmod(reads, micro_batch)
     return [micro_batch] * full + ([rest] if rest else [])
 
@@ -533,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
     import torch
 
-    from storycli.models import device_description
+    from storycli.weights.devices import device_description
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
@@ -607,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             "diffusers": diffusers.__version__,
             "python": platform.python_version(),
             "date": date,
-            "model": "tiny (storycli.tiny, random weights)"
+            "model": "tiny (storycli.weights.tiny, random weights)"
             if args.quick
             else "SDXL base UNet architecture (benchmarks/sdxl_unet_config.json), random weights",
             "dtype": args.dtype,

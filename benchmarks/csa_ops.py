@@ -108,9 +108,9 @@ def one_step(unet: Any, method: str, frame_batch: int) -> dict[str, Any]:
     from storycli.consistency.csa import CSAState, csa_layers, installed_csa
 
     # From keyframes, where older checkouts have it too (see the module doc).
-    from storycli.keyframes import bank_settings, csa_settings, read_characters, story_chunks
-    from storycli.plan import build_plan
-    from storycli.story import load_story
+    from storycli.keyframes.loop import bank_settings, csa_settings, read_characters, story_chunks
+    from storycli.keyframes.plan import build_plan
+    from storycli.story.loader import load_story
 
     overrides = {
         "consistency": {

@@ -148,7 +148,7 @@ def clip_tokenizer(pad_token: str) -> Any:
     """CLIP's tokenizer (49,408 tokens) from the vocabulary file storydiff ships."""
     from transformers import CLIPTokenizer
 
-    from storycli.tokens import BOS, EOS, clip_vocab_and_merges
+    from storycli.story.tokens import BOS, EOS, clip_vocab_and_merges
 
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(
@@ -235,7 +235,7 @@ def fp16_safe_vae(model: Path | None, folder: Path) -> Path:
     if model is not None:
         shutil.copytree(model / "vae", folder)
     else:
-        from storycli.tiny import build_tiny_sdxl_pipeline
+        from storycli.weights.tiny import build_tiny_sdxl_pipeline
 
         build_tiny_sdxl_pipeline().vae.save_pretrained(folder, variant="fp16")
     config_file = folder / "config.json"
@@ -724,10 +724,10 @@ def meta(args: argparse.Namespace, device: str) -> dict[str, Any]:
     import transformers
 
     try:
-        from storycli.models import device_description
+        from storycli.weights.devices import device_description
 
         name = device_description(device)
-    except Exception:  # storycli.models is someone else's: the check goes on without it
+    except Exception:  # storycli.weights is someone else's: the check goes on without it
         name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
     return {
         "date": dt.date.today().isoformat(),

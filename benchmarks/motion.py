@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Benchmark training the Semantic Motion Predictor on synthetic videos.
 
-Writes a folder of synthetic moving-shape videos (``storycli.motion.synthetic``), encodes it with
+Writes a folder of synthetic moving-shape videos (``storycli.motion.video.synthetic``), encodes it
+with
 the offline ``tiny`` CLIP tower (random weights, 32-d: nothing is downloaded) and trains the
-predictor with ``storycli.motion.train.train_predictor``, exactly as ``storydiff`` does. Reports:
+predictor with ``storycli.motion.predictor.train.train_predictor``, exactly as ``storydiff`` does.
+Reports:
 
 * validation gain over the linear baseline, 1 − MSE_pred / MSE_lerp, against the training step;
 * validation error against the position in the clip (τ) for the predictor, lerp and slerp;
@@ -93,8 +95,8 @@ def say(text: str) -> None:
 
 def encoder_throughput(device: str, frames: int = 256) -> dict[str, Any]:
     """The tiny encoder alone on 64×64 frames (no decoding, no cache)."""
-    from storycli.motion.encoder import load_image_encoder
-    from storycli.motion.synthetic import synthetic_clip
+    from storycli.motion.video.synthetic import synthetic_clip
+    from storycli.weights.image_encoder import load_image_encoder
 
     encoder = load_image_encoder("tiny", device)
     images = synthetic_clip(0, frames)
@@ -107,8 +109,8 @@ def encoder_throughput(device: str, frames: int = 256) -> dict[str, Any]:
 
 def train_run(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One train_predictor run; its metrics history and throughput."""
-    from storycli.motion.predictor import load_predictor
-    from storycli.motion.train import TrainHooks, TrainOptions, train_predictor
+    from storycli.motion.predictor.model import load_predictor
+    from storycli.motion.predictor.train import TrainHooks, TrainOptions, train_predictor
 
     size = MODELS[name]
     options = TrainOptions(
@@ -164,10 +166,10 @@ def throughput_sweep(
     import numpy as np
     import torch
 
-    from storycli.motion.dataset import ClipSampler, ClipSettings, build_embedding_cache
-    from storycli.motion.encoder import load_image_encoder
-    from storycli.motion.predictor import MotionPredictor, PredictorConfig
-    from storycli.motion.train import predictor_loss
+    from storycli.motion.predictor.dataset import ClipSampler, ClipSettings, build_embedding_cache
+    from storycli.motion.predictor.model import MotionPredictor, PredictorConfig
+    from storycli.motion.predictor.train import predictor_loss
+    from storycli.weights.image_encoder import load_image_encoder
 
     cached = build_embedding_cache(data, load_image_encoder("tiny", device), min_frames=16)
     # As training does for the tiny encoder: no cut/static checks (its cosines are all ≈ 0.99).
@@ -232,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from storycli.models import device_description
-    from storycli.motion.synthetic import write_synthetic_dataset
+    from storycli.motion.video.synthetic import write_synthetic_dataset
+    from storycli.weights.devices import device_description
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Measure a whole story's peak memory through storydiff's story loop, CSA against stock.
 
-Runs ``storycli.keyframes.generate_keyframes`` — the loop ``storydiff generate`` runs: every
+Runs ``storycli.keyframes.loop.generate_keyframes`` — the loop ``storydiff generate`` runs: every
 step, each character's references as one write forward, the other frames in micro-batches of
 ``frame_batch`` reading that step's bank, the bank dropped, one scheduler step for all latents,
 then the VAE decode — on an SDXL pipeline built from the real SDXL UNet
 (``sdxl_unet_config.json``) and SDXL VAE architectures with random weights, small random CLIP
-text encoders with SDXL's output sizes (768; 1280 with a 1280 projection) and ``storycli.tiny``'s
+text encoders with SDXL's output sizes (768; 1280 with a 1280 projection) and
+``storycli.weights.tiny``'s
 offline tokenizers. Nothing is downloaded.
 
 Each measurement is one story run in a fresh process. Peak = the process's RSS high-water mark
@@ -136,8 +137,8 @@ def process_peak_rss() -> int:
 
 def build_sdxl_pipeline(dtype: Any, device: Any, seed: int) -> Any:
     """SDXL's UNet and VAE architectures with random weights, small random text encoders with
-    SDXL's output sizes, storycli.tiny's tokenizers; parameters created in `dtype` on `device`
-    (no float32 copy to inflate the peak)."""
+    SDXL's output sizes, storycli.weights.tiny's tokenizers; parameters created in `dtype` on
+    `device` (no float32 copy to inflate the peak)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -147,7 +148,7 @@ def build_sdxl_pipeline(dtype: Any, device: Any, seed: int) -> Any:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from storycli.tiny import build_tokenizer
+    from storycli.weights.tiny import build_tokenizer
 
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
 
@@ -231,11 +232,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the pipeline, run one story through generate_keyframes, report its peak."""
     import torch
 
-    from storycli.keyframes import generate_keyframes
-    from storycli.models import device_description, place_pipeline, set_scheduler
-    from storycli.plan import build_plan
-    from storycli.schedule import render_size
-    from storycli.story import load_story
+    from storycli.keyframes.loop import generate_keyframes
+    from storycli.keyframes.models import set_scheduler
+    from storycli.keyframes.plan import build_plan
+    from storycli.keyframes.schedule import render_size
+    from storycli.story.loader import load_story
+    from storycli.weights.devices import device_description, place_pipeline
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -243,7 +245,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     dtype = getattr(torch, spec["dtype"])
     t0 = time.perf_counter()
     if spec["model"] == "tiny":
-        from storycli.tiny import build_tiny_sdxl_pipeline
+        from storycli.weights.tiny import build_tiny_sdxl_pipeline
 
         pipe = build_tiny_sdxl_pipeline(dtype=dtype)
     else:
@@ -528,11 +530,11 @@ def main(argv: list[str] | None = None) -> int:
             "transformers": transformers.__version__,
             "python": platform.python_version(),
             "date": date,
-            "model": "tiny (storycli.tiny, random weights)"
+            "model": "tiny (storycli.weights.tiny, random weights)"
             if args.quick
             else "SDXL base UNet (benchmarks/sdxl_unet_config.json) and SDXL VAE architectures, "
             f"random weights; random CLIP text encoders ({TEXT_LAYERS} layers, hidden 768 and "
-            "1280 + 1280 projection); storycli.tiny tokenizers",
+            "1280 + 1280 projection); storycli.weights.tiny tokenizers",
             "dtype": args.dtype,
             "size": args.size,
             "id_length": args.id_length,
@@ -585,7 +587,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"- peak: {metric}; isolation: {meta['isolation']}; wall time {meta['wall_seconds']:.0f} s",
         f"- command: `{meta['command']}`",
         "",
-        "Each row: the same story through `storycli.keyframes.generate_keyframes`, stock "
+        "Each row: the same story through `storycli.keyframes.loop.generate_keyframes`, stock "
         "(`consistency.method: none`) and CSA"
         + (
             ", each in its own process."

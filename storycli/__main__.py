@@ -1,5 +1,5 @@
 """`python -m storycli ...`: the `storydiff` command where its script is not on PATH."""
 
-from .cli import app
+from storycli.cli import app
 
 app(prog_name="storydiff")

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import InvalidInput
+from storycli.errors import InvalidInput
 
 
 @dataclass(frozen=True)

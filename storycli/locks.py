@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InvalidInput
+from storycli.errors import InvalidInput
 
 # The commands that lock a folder, as they appear on a command line (to name a lock's holder).
 COMMANDS = ("generate", "pages", "evaluate", "animate", "train-predictor")

@@ -7,7 +7,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .errors import InvalidInput
+from storycli.errors import InvalidInput
 
 # The probe file's name: `.write-check.<hex>.tmp`, the shape of an atomic write's temp file, so
 # the leftover cleanup of a killed run also removes a probe a kill left behind.

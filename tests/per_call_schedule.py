@@ -1,6 +1,7 @@
 """The per-call schedule: one full `pipe(...)` denoising loop per plan call, each call's bank
 kept for all its steps. It is how stories were made before the story loop, and the reference
-`storycli.keyframes.generate_keyframes` is tested against (same frames within float rounding)."""
+`storycli.keyframes.loop.generate_keyframes` is tested against
+ (same frames within float rounding)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from storycli.consistency.csa import (
     installed_csa,
     windowed_unet,
 )
-from storycli.keyframes import (
+from storycli.keyframes.loop import (
     FrameCallback,
     StepCallback,
     bank_settings,
@@ -25,8 +26,8 @@ from storycli.keyframes import (
     freeu_enabled,
     initial_noise,
 )
-from storycli.plan import Plan
-from storycli.schedule import Chunk, RenderSize, calls_needed, describe_call
+from storycli.keyframes.plan import Plan
+from storycli.keyframes.schedule import Chunk, RenderSize, calls_needed, describe_call
 
 
 def generate_keyframes_per_call(
@@ -104,7 +105,7 @@ def generate_keyframes_per_call(
 
 def one_call_a_forward(plan: Plan, calls: Iterable[Any], frame_batch: int) -> list[Chunk]:
     """`story_chunks` as it was before forwards were batched across characters: every plan
-    call in a forward of its own (monkeypatch `storycli.keyframes.story_chunks` with it). The
+    call in a forward of its own (monkeypatch `storycli.keyframes.loop.story_chunks` with it). The
     batched schedule is tested against it where the per-call schedule lacks a feature
     (pictures, IP-Adapter photos)."""
     calls = list(calls)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigFileError
-from ..errors import (
+from storycli.config import ConfigFileError
+from storycli.errors import (
     EXIT_INVALID,
     EXIT_OK,
     EXIT_RUNTIME,
@@ -27,7 +27,7 @@ from ..errors import (
     InvalidInput,
     RuntimeProblem,
 )
-from ..story import StoryError
+from storycli.story.loader import StoryError
 
 DONE, INVALID, FAILED, NOT_RUN = "done", "invalid", "failed", "not run"
 

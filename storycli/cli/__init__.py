@@ -11,13 +11,20 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
-from .bench import bench_app
-from .common import Command, Group
-from .evaluate import EVALUATE_EPILOG, evaluate
-from .motion import ANIMATE_EPILOG, TRAIN_PREDICTOR_EPILOG, animate, train_predictor
-from .stories import GENERATE_EPILOG, PAGES_EPILOG, VALIDATE_EPILOG, generate, pages, validate
-from .write import PLAN_EPILOG, plan
+from storycli import __version__
+from storycli.cli.bench import bench_app
+from storycli.cli.common import Command, Group
+from storycli.cli.evaluate import EVALUATE_EPILOG, evaluate
+from storycli.cli.motion import ANIMATE_EPILOG, TRAIN_PREDICTOR_EPILOG, animate, train_predictor
+from storycli.cli.stories import (
+    GENERATE_EPILOG,
+    PAGES_EPILOG,
+    VALIDATE_EPILOG,
+    generate,
+    pages,
+    validate,
+)
+from storycli.cli.write import PLAN_EPILOG, plan
 
 app = typer.Typer(
     cls=Group,

@@ -14,11 +14,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..batch.runner import DONE, BatchItem, batch_exit_code
-from ..batch.shard import Shard
-from ..batch.shard import shard_from_env as _shard_from_env
-from ..errors import InvalidInput
-from .common import Flag
+from storycli.batch.runner import DONE, BatchItem, batch_exit_code
+from storycli.batch.shard import Shard
+from storycli.batch.shard import shard_from_env as _shard_from_env
+from storycli.cli.common import Flag
+from storycli.errors import InvalidInput
 
 PANEL = "Batch and sharding"
 
@@ -68,7 +68,7 @@ def shard_device_for(device: str, shard: Shard) -> str:
         return device
     import torch
 
-    from ..batch.shard import shard_device
+    from storycli.batch.shard import shard_device
 
     return shard_device(device, shard, torch.cuda.device_count())
 

@@ -15,11 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..bench import BENCH_METHODS
-from ..errors import EXIT_INVALID, EXIT_SOME_FAILED
-from ..evaluate import DEFAULT_CLIP
-from ..progress import progress_bars
-from .common import (
+from storycli.cli.common import (
     Command,
     Device,
     Dtype,
@@ -34,6 +30,10 @@ from .common import (
     run_guarded,
     stderr_console,
 )
+from storycli.cli.progress import progress_bars
+from storycli.errors import EXIT_INVALID, EXIT_SOME_FAILED
+from storycli.evaluate import DEFAULT_CLIP
+from storycli.suites import BENCH_METHODS
 
 bench_app = typer.Typer(
     cls=Group,
@@ -127,7 +127,7 @@ def _options(
     frame_batch: int | None,
     overwrite: bool,
 ) -> Any:
-    from ..bench.common import BenchOptions
+    from storycli.suites.common import BenchOptions
 
     width_height = tuple(int(v) for v in size.split("x")) if size else None
     return BenchOptions(
@@ -194,7 +194,7 @@ class _Display:
 
     @contextlib.contextmanager
     def story(self) -> Iterator[Any]:
-        from ..generate import Hooks
+        from storycli.keyframes.generate import Hooks
 
         def on_start(frames: int, steps: int) -> None:
             if self.steps is None:
@@ -220,7 +220,7 @@ class _Display:
         yield Hooks(on_model=on_model, on_start=on_start, on_step=on_step, on_warning=on_warning)
 
     def hooks(self) -> Any:
-        from ..bench.common import BenchHooks
+        from storycli.suites.common import BenchHooks
 
         return BenchHooks(on_note=self.note, on_item=self.on_item, story=self.story)
 
@@ -269,8 +269,8 @@ def consistory_plus(
     comparison. A rerun skips every set that is done, without loading a model.
     """
     configure_logging(verbose, quiet)
-    from ..bench.consistory import run_consistory
-    from ..evaluate.run_scores import EvaluateHooks
+    from storycli.evaluate.run_scores import EvaluateHooks
+    from storycli.suites.consistory import run_consistory
 
     options = _options(
         out, model, methods, BENCH_METHODS, limit, steps, size, seed, device, dtype, offload,
@@ -304,7 +304,7 @@ def consistory_plus(
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
     if not quiet:
-        from ..bench.table import COLUMNS, PUBLISHED, consistory_rows, row_cells
+        from storycli.suites.table import COLUMNS, PUBLISHED, consistory_rows, row_cells
 
         table = Table(title="ConsiStory+ (published rows: 1Prompt1Story Table 1)")
         for _, title in COLUMNS:
@@ -385,7 +385,7 @@ def vistorybench(
     prints the bench_run.py line that scores them. A rerun resumes in the same timestamp folder.
     """
     configure_logging(verbose, quiet)
-    from ..bench.vistorybench import run_vistorybench
+    from storycli.suites.vistorybench import run_vistorybench
 
     options = _options(
         out, model, methods, ("storydiffusion",), limit, steps, size, seed, device, dtype,

@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from ..batch.runner import describe_failure
-from ..errors import EXIT_INTERRUPTED, EXIT_INVALID
-from ..story import StoryError
+from storycli.batch.runner import describe_failure
+from storycli.errors import EXIT_INTERRUPTED, EXIT_INVALID
+from storycli.story.loader import StoryError
 
 
 class _PlainHelp:

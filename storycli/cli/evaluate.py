@@ -12,9 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..evaluate import DEFAULT_CLIP, EVALUATION_FILE
-from ..progress import progress_bars
-from .common import (
+from storycli.cli.common import (
     Device,
     JsonOpt,
     Quiet,
@@ -23,6 +21,8 @@ from .common import (
     run_guarded,
     stderr_console,
 )
+from storycli.cli.progress import progress_bars
+from storycli.evaluate import DEFAULT_CLIP, EVALUATION_FILE
 
 ClipOpt = Annotated[
     str,
@@ -36,7 +36,7 @@ ClipOpt = Annotated[
 
 def evaluation_hooks(console: Console, progress: Any, quiet: bool) -> Any:
     """Progress and notes of one evaluation (shared with the benchmarks)."""
-    from ..evaluate.run_scores import EvaluateHooks
+    from storycli.evaluate.run_scores import EvaluateHooks
 
     tasks: dict[str, Any] = {}
 
@@ -54,7 +54,7 @@ def evaluation_hooks(console: Console, progress: Any, quiet: bool) -> Any:
 
 def print_evaluation(document: dict[str, Any], console: Console) -> None:
     """The run-level numbers, then one row per transition of a video."""
-    from ..evaluate.run_scores import summary_rows
+    from storycli.evaluate.run_scores import summary_rows
 
     table = Table(title=escape(document["run"]), title_justify="left")
     table.add_column("metric")
@@ -114,7 +114,7 @@ def evaluate(
     'storydiff\\[eval]'), else reported as "not installed".
     """
     configure_logging(verbose, quiet)
-    from ..evaluate.run_scores import EvaluateOptions, evaluate_run
+    from storycli.evaluate.run_scores import EvaluateOptions, evaluate_run
 
     console = stderr_console()
     show = not (quiet or json_out)

@@ -11,11 +11,9 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from ..batch.runner import run_batch
-from ..batch.shard import resolve_shard
-from ..motion import DECODERS
-from ..progress import progress_bars
-from .batch import (
+from storycli.batch.runner import run_batch
+from storycli.batch.shard import resolve_shard
+from storycli.cli.batch import (
     FailFast,
     JsonLinesOpt,
     LogDir,
@@ -26,7 +24,7 @@ from .batch import (
     report_item,
     shard_device_for,
 )
-from .common import (
+from storycli.cli.common import (
     Device,
     Dtype,
     Flag,
@@ -39,6 +37,8 @@ from .common import (
     run_guarded,
     stderr_console,
 )
+from storycli.cli.progress import progress_bars
+from storycli.motion import DECODERS
 
 ANIMATE_EPILOG = (
     "[bold]Examples[/]\n\n"
@@ -140,9 +140,9 @@ def animate(
     code 3: some failed); under a launcher each process animates its share of the folders.
     """
     configure_logging(verbose, quiet)
-    from ..batch.inputs import expand_keyframe_folders
-    from ..motion.animate import AnimateOptions
-    from ..motion.decoders import DecoderCache
+    from storycli.batch.inputs import expand_keyframe_folders
+    from storycli.motion.animate import AnimateOptions
+    from storycli.motion.decoders import DecoderCache
 
     folders = run_guarded(lambda: expand_keyframe_folders(keyframes), verbose)
     this_shard = run_guarded(lambda: resolve_shard(shard), verbose)
@@ -211,8 +211,8 @@ def describe_animated(record: dict[str, Any]) -> str:
 
 def animate_folder(options: Any, console: Any, show: bool, quiet: bool, decoders: Any) -> Any:
     """One keyframe folder through `motion.animate.animate`, with its progress bars."""
-    from ..motion.animate import AnimateHooks
-    from ..motion.animate import animate as run_animate
+    from storycli.motion.animate import AnimateHooks
+    from storycli.motion.animate import animate as run_animate
 
     with progress_bars(console, show, info=True) as progress:
         tasks: dict[str, Any] = {}
@@ -338,8 +338,8 @@ def train_predictor(
     the linear baseline (`gain` > 0: better than lerp).
     """
     configure_logging(verbose, quiet)
-    from ..motion.train import TrainHooks, TrainOptions
-    from ..motion.train import train_predictor as run_training
+    from storycli.motion.predictor.train import TrainHooks, TrainOptions
+    from storycli.motion.predictor.train import train_predictor as run_training
 
     options = TrainOptions(
         data=data,

@@ -15,12 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..batch.shard import resolve_shard
-from ..config import ConfigFileError, Configs
-from ..errors import EXIT_INVALID
-from ..render.layouts import LAYOUTS
-from ..story import StoryError
-from .batch import (
+from storycli.batch.shard import resolve_shard
+from storycli.cli.batch import (
     FailFast,
     JsonLinesOpt,
     LogDir,
@@ -31,7 +27,7 @@ from .batch import (
     report_item,
     shard_device_for,
 )
-from .common import (
+from storycli.cli.common import (
     Device,
     Dtype,
     Flag,
@@ -47,6 +43,10 @@ from .common import (
     stderr_console,
     story_error,
 )
+from storycli.config import ConfigFileError, Configs
+from storycli.errors import EXIT_INVALID
+from storycli.render.layouts import LAYOUTS
+from storycli.story.loader import StoryError
 
 StoryArg = Annotated[
     Path,
@@ -80,9 +80,9 @@ def validate(
 ) -> None:
     """Check story files without loading any model. Exit code 2 if any is invalid; warnings
     (e.g. a prompt over the text encoder's 77 tokens) do not change the exit code."""
-    from ..batch.inputs import expand_stories
-    from ..plan import build_plan
-    from ..story import load_story
+    from storycli.batch.inputs import expand_stories
+    from storycli.keyframes.plan import build_plan
+    from storycli.story.loader import load_story
 
     configs = Configs()
     console = stderr_console()
@@ -272,10 +272,10 @@ def generate(
     failing does not stop the others (exit code 3: some failed). Under torchrun, `accelerate
     launch` or a SLURM array each process renders its share (one story: its share of the frames).
     """
-    from ..batch.inputs import expand_stories
-    from ..batch.runner import run_batch
-    from ..batch.shard import assign
-    from ..generate import GenerateOptions, load_plan
+    from storycli.batch.inputs import expand_stories
+    from storycli.batch.runner import run_batch
+    from storycli.batch.shard import assign
+    from storycli.keyframes.generate import GenerateOptions, load_plan
 
     paths = run_guarded(lambda: expand_stories(stories), verbose)
     this_shard = run_guarded(lambda: resolve_shard(shard), verbose)
@@ -305,7 +305,7 @@ def generate(
     shown = display_shard(this_shard)
     show = not (quiet or json_out) and shown.leader
     lines = None if shown.leader or quiet else f"[{shown.label}]"
-    from ..model_cache import ModelCache
+    from storycli.keyframes.model_cache import ModelCache
 
     models = ModelCache()
 
@@ -317,8 +317,8 @@ def generate(
             _warn(console, path, plan.warnings)
             _print_plan(plan, Console(highlight=False))
             return {}
-        from ..generate import generate_story
-        from ..progress import StoryProgress
+        from storycli.cli.progress import StoryProgress
+        from storycli.keyframes.generate import generate_story
 
         if not quiet:
             _warn(console, path, plan.warnings)
@@ -375,7 +375,7 @@ def pages(
 ) -> None:
     """Lay out an existing run's frames as comic pages again (page_01.png, … and comic.pdf),
     without generating anything."""
-    from ..render.pages import relayout
+    from storycli.render.pages import relayout
 
     written = run_guarded(lambda: relayout(run_folder, layout, caption_font_size), verbose)
     stderr_console().print(

@@ -11,10 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from ..errors import EXIT_INVALID, InvalidInput, RuntimeProblem
-from ..llm.client import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, DEFAULT_TIMEOUT
-from ..story import StoryError
-from .common import (
+from storycli.cli.common import (
     Flag,
     JsonOpt,
     Quiet,
@@ -24,6 +21,9 @@ from .common import (
     run_guarded,
     stderr_console,
 )
+from storycli.errors import EXIT_INVALID, InvalidInput, RuntimeProblem
+from storycli.llm.client import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, DEFAULT_TIMEOUT
+from storycli.story.loader import StoryError
 
 _LLM = "LLM endpoint (any OpenAI-compatible server)"
 _RESOLVE = "Resolve references in an existing story"
@@ -50,7 +50,7 @@ PLAN_EPILOG = (
 def _parse_cast(values: list[str], frames: int) -> dict[str, str]:
     """`--characters "Name: appearance"` options → name → appearance, checked before any
     request (the story format's name rule; each character needs a frame of its own)."""
-    from ..llm.schema import NAME_RE
+    from storycli.llm.schema import NAME_RE
 
     cast: dict[str, str] = {}
     for value in values:
@@ -95,7 +95,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _check_writable(path: Path, option: str, fix: str) -> None:
     """Before any request: a read-only place would otherwise fail only after the model
     answered (files are written atomically, through a temporary file beside `path`)."""
-    from ..paths import write_problem
+    from storycli.paths import write_problem
 
     if problem := write_problem(path.parent):
         reason = problem.split(": ", 1)[-1]
@@ -213,8 +213,8 @@ def plan(
     The story is printed on stdout (with --json: the model's parsed plan) and written to --out;
     it passes `storydiff validate`. The model is asked for JSON matching a schema, and an
     answer that does not fit is sent back with the problem, at most twice."""
-    from ..config import Configs
-    from ..llm.client import ChatClient, Endpoint, check_base_url, key_from_env
+    from storycli.config import Configs
+    from storycli.llm.client import ChatClient, Endpoint, check_base_url, key_from_env
 
     configure_logging(verbose, quiet)
     console = stderr_console()
@@ -274,9 +274,9 @@ def plan(
         _resolve(resolve, write, endpoint, configs, json_out, verbose)
         return
 
-    from ..atomic import atomic_write_text
-    from ..llm.planner import plan_story
-    from ..llm.schema import PlanRequest
+    from storycli.atomic import atomic_write_text
+    from storycli.llm.planner import plan_story
+    from storycli.llm.schema import PlanRequest
 
     request = PlanRequest(
         emotion=(emotion or "").strip() or None,
@@ -317,8 +317,8 @@ def plan(
 def _resolve(
     path: Path, write: bool, endpoint: Any, configs: Any, json_out: bool, verbose: int
 ) -> None:
-    from ..llm.client import ChatClient
-    from ..llm.resolve import backup_path, describe, resolve_story, write_resolved
+    from storycli.llm.client import ChatClient
+    from storycli.llm.resolve import backup_path, describe, resolve_story, write_resolved
 
     def work() -> Any:
         with ChatClient(endpoint) as chat:

@@ -23,8 +23,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..story import NO_CHARACTER_TAG, TAG_RE, Story, frame_tags
-from ..tokens import CONTENT_TOKENS, count_tokens
+from storycli.story.schema import NO_CHARACTER_TAG, TAG_RE, Story, frame_tags
+from storycli.story.tokens import CONTENT_TOKENS, count_tokens
 
 TEMPLATE_SLOT = "{prompt}"
 

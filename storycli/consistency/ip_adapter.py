@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..story import IPAdapter
+from storycli.story.schema import IPAdapter
 
 # variant → (subfolder, weight file, image encoder folder) in the h94/IP-Adapter layout.
 VARIANTS = {
@@ -71,8 +71,8 @@ def tiny_ip_adapter(
     tower, its processor, the adapter's state dict in that variant's file layout). `plain`
     projects the image embedding to 4 tokens; `plus` and `plus-face` (same architecture,
     different weights, as in h94/IP-Adapter) resample the encoder's hidden states."""
-    from ..motion.encoder import build_tiny_image_encoder
-    from ..motion.tiny_video import ip_adapter_state_dict
+    from storycli.motion.decoders.animatediff_tiny import ip_adapter_state_dict
+    from storycli.weights.image_encoder import build_tiny_image_encoder
 
     encoder, processor = build_tiny_image_encoder()
     with torch.random.fork_rng(devices=[]):
@@ -106,7 +106,7 @@ def _load_tiny(pipe: Any, variant: str) -> None:
 
 
 def _load(pipe: Any, settings: IPAdapter) -> None:
-    from ..models import HubWeights, from_hub
+    from storycli.weights.hub import HubWeights, from_hub
 
     subfolder, weight, encoder_folder = VARIANTS[settings.variant]
     source = settings.model
@@ -189,7 +189,7 @@ def attached_ip_adapter(
     if not photos:
         yield None
         return
-    from ..models import quiet_loading
+    from storycli.weights.hub import quiet_loading
 
     settings = photos[0][1]
     with quiet_loading():  # diffusers' notes on dtype casts and processor swaps

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from ..story import OnePrompt
-from .consolidate import Consolidated
+from storycli.consistency.consolidate import Consolidated
+from storycli.story.schema import OnePrompt
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..models import (
+from storycli.evaluate import DEFAULT_CLIP
+from storycli.story.checks import is_model_path
+from storycli.weights.devices import resolve_device
+from storycli.weights.hub import (
     HubWeights,
     ModelUnavailable,
     clip_image_processor_class,
@@ -25,12 +28,9 @@ from ..models import (
     hub_revision,
     load_errors,
     quiet_loading,
-    resolve_device,
     short_reason,
 )
-from ..story import is_model_path
-from ..tiny import TINY_SEED, build_tokenizer
-from . import DEFAULT_CLIP
+from storycli.weights.tiny import TINY_SEED, build_tokenizer
 
 TINY = "tiny"
 TINY_IMAGE_SIZE = 32

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .. import __version__
-from ..atomic import atomic_write_text
-from ..errors import InvalidInput
-from ..paths import OutputLocationError, inside_folder, write_problem
-from . import DEFAULT_CLIP, EVALUATION_FILE
-from . import metrics as m
+from storycli import __version__
+from storycli.atomic import atomic_write_text
+from storycli.errors import InvalidInput
+from storycli.evaluate import DEFAULT_CLIP, EVALUATION_FILE
+from storycli.evaluate import metrics as m
+from storycli.paths import OutputLocationError, inside_folder, write_problem
 
 GENERATE_MANIFEST = "manifest.json"  # written by `storydiff generate`
 ANIMATE_MANIFEST = "animate.json"  # written by `storydiff animate`
@@ -136,10 +136,10 @@ def _own_prompts(manifest: dict[str, Any], count: int) -> list[str] | None:
     tokens. None: the manifest's prompts are the frames' own."""
     from pydantic import ValidationError
 
-    from ..config import ConfigFileError, Configs
-    from ..plan import expand_prompt
-    from ..story import Story
-    from ..tokens import fit_prompt
+    from storycli.config import ConfigFileError, Configs
+    from storycli.keyframes.plan import expand_prompt
+    from storycli.story.schema import Story
+    from storycli.story.tokens import fit_prompt
 
     try:
         story = Story.model_validate(manifest.get("story"))
@@ -200,7 +200,7 @@ def _digest(path: Path) -> str:
 def _decode_mp4(path: Path, size: tuple[int, int]) -> list[np.ndarray]:
     """Every frame of an MP4 (no resampling), cropped to `size`: animate pads frames at the
     bottom and right to multiples of 16, and the padding is no part of the picture."""
-    from ..motion.video import VideoError, decode_every_frame
+    from storycli.motion.video.io import VideoError, decode_every_frame
 
     width, height = size
     try:
@@ -218,7 +218,7 @@ def _decode_mp4(path: Path, size: tuple[int, int]) -> list[np.ndarray]:
 
 
 def _read_animate(video: Path, run: _Run) -> None:
-    from ..motion.animate import load_keyframes
+    from storycli.motion.animate import load_keyframes
 
     path = video / ANIMATE_MANIFEST
     manifest = _read_json(path, "storydiff animate manifest")
@@ -323,7 +323,7 @@ def _cache_dir(name: str) -> Path:
     return base / "storydiff" / name
 
 
-def _unavailable(exc: BaseException) -> str:
+def unavailable(exc: BaseException) -> str:
     reason = " ".join(str(exc).split())[:200] or type(exc).__name__
     return f"unavailable: {reason}"
 
@@ -341,7 +341,7 @@ def _dreamsim(device: str) -> tuple[Callable[[Image.Image, Image.Image], float] 
             pretrained=True, device=device, cache_dir=str(_cache_dir("dreamsim"))
         )
     except Exception as exc:  # weights not downloadable offline, a broken install
-        return None, _unavailable(exc)
+        return None, unavailable(exc)
 
     def distance(a: Image.Image, b: Image.Image) -> float:
         import torch
@@ -361,7 +361,7 @@ def _lpips(device: str) -> tuple[Callable[[np.ndarray, np.ndarray], float] | Non
     try:
         net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
     except Exception as exc:
-        return None, _unavailable(exc)
+        return None, unavailable(exc)
 
     def distance(a: np.ndarray, b: np.ndarray) -> float:
         import torch
@@ -529,7 +529,7 @@ def evaluate_run(
     is loaded once everything on disk has been read and checked. Raises EvaluateError for a
     folder that cannot be evaluated, ModelUnavailable for weights. The run folder is locked
     meanwhile: another command working in it is refused (`FolderInUse`)."""
-    from ..locks import run_folder_lock
+    from storycli.locks import run_folder_lock
 
     with run_folder_lock(Path(options.run), "evaluate"):
         return _evaluate_run(options, hooks, clip)
@@ -556,7 +556,7 @@ def _evaluate_run(
             f"{run.folder}: {problem}; evaluate writes {EVALUATION_FILE} into the run folder"
         )
     if clip is None:
-        from .clip import load_clip
+        from storycli.evaluate.clip import load_clip
 
         clip = load_clip(options.clip, options.device)
     elif not loaded:

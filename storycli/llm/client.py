@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import InvalidInput, RuntimeProblem
+from storycli.errors import InvalidInput, RuntimeProblem
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from ..config import Configs
-from ..story import StoryError
-from .client import EndpointError, Reply
-from .prompts import Message, plan_messages, retry_message
-from .schema import PlanRequest, StoryPlan, plan_problems, strict_schema
-from .to_story import check_story_text, story_text
+from storycli.config import Configs
+from storycli.llm.client import EndpointError, Reply
+from storycli.llm.prompts import Message, plan_messages, retry_message
+from storycli.llm.schema import PlanRequest, StoryPlan, plan_problems, strict_schema
+from storycli.llm.to_story import check_story_text, story_text
+from storycli.story.loader import StoryError
 
 log = logging.getLogger(__name__)
 

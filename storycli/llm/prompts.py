@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .schema import PlanRequest
+from storycli.llm.schema import PlanRequest
 
 Message = dict[str, str]
 

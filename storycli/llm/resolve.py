@@ -21,13 +21,14 @@ from typing import Any
 
 import yaml
 
-from ..atomic import atomic_write_bytes
-from ..config import Configs
-from ..errors import InvalidInput, RuntimeProblem
-from ..story import NO_CHARACTER_TAG, TAG_RE, StoryError, load_story
-from .planner import Chat, InvalidAnswer, ask_json, parse_model
-from .prompts import resolve_messages
-from .schema import Resolution, strict_schema
+from storycli.atomic import atomic_write_bytes
+from storycli.config import Configs
+from storycli.errors import InvalidInput, RuntimeProblem
+from storycli.llm.planner import Chat, InvalidAnswer, ask_json, parse_model
+from storycli.llm.prompts import resolve_messages
+from storycli.llm.schema import Resolution, strict_schema
+from storycli.story.loader import StoryError, load_story
+from storycli.story.schema import NO_CHARACTER_TAG, TAG_RE
 
 # Words a resolution may add or drop besides tags: the references themselves and the glue
 # around a tag ("[Mara]'s", "[Mara] and [Ollie]").

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..story import NO_CHARACTER_TAG, TAG_RE
+from storycli.story.schema import NO_CHARACTER_TAG, TAG_RE
 
 # The story format's rule for character names (story.Story._character_names).
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9 _'.-]*")

@@ -11,9 +11,10 @@ from typing import Any
 
 import yaml
 
-from ..config import Configs
-from ..story import NO_CHARACTER_TAG, StoryError, load_story
-from .schema import PlanFrame, PlanRequest, StoryPlan, name_pattern, shown_characters
+from storycli.config import Configs
+from storycli.llm.schema import PlanFrame, PlanRequest, StoryPlan, name_pattern, shown_characters
+from storycli.story.loader import StoryError, load_story
+from storycli.story.schema import NO_CHARACTER_TAG
 
 
 def tagged_prompt(frame: PlanFrame, names: list[str]) -> str:
@@ -119,7 +120,7 @@ def check_story_text(
 ) -> None:
     """Raise `StoryError` (with `file_name` in its lines) unless `text` is a story that
     `storydiff validate` accepts: the same loading, checks and plan."""
-    from ..plan import build_plan
+    from storycli.keyframes.plan import build_plan
 
     configs = configs or Configs()
     with tempfile.TemporaryDirectory(prefix="storydiff-plan-") as folder:

@@ -24,13 +24,13 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..atomic import atomic_write_text
-from ..atomic import temp_target as atomic_temp_target
-from ..errors import InvalidInput
-from ..locks import run_folder_lock
-from ..paths import check_writable_folder
-from ..seeds import derive_seed
-from .video import IMAGE_SUFFIXES, temp_target
+from storycli.atomic import atomic_write_text
+from storycli.atomic import temp_target as atomic_temp_target
+from storycli.errors import InvalidInput
+from storycli.locks import run_folder_lock
+from storycli.motion.video.io import IMAGE_SUFFIXES, temp_target
+from storycli.paths import check_writable_folder
+from storycli.seeds import derive_seed
 
 KEYFRAMES_MANIFEST = "manifest.json"  # written by `storydiff generate`
 MANIFEST = "animate.json"
@@ -339,7 +339,7 @@ def transition_name(a: int, b: int, count: int) -> str:
 def _load_predictor(options: AnimateOptions) -> Any:
     """The --predictor checkpoint (None without one), loaded before the decoder so that a
     missing or broken one fails fast, whichever decoder is asked for."""
-    from .predictor import PredictorError, load_predictor
+    from storycli.motion.predictor.model import PredictorError, load_predictor
 
     if options.predictor is None:
         return None
@@ -354,7 +354,7 @@ def _embeddings(
 ) -> Any:
     """Per-keyframe embeddings K and the predictor (None: linear baseline), if the decoder
     uses embeddings."""
-    from .predictor import weights_path
+    from storycli.motion.predictor.model import weights_path
 
     encoder = decoder.image_encoder
     if encoder is None:
@@ -380,7 +380,7 @@ def _embeddings(
 def _predict(k_all: Any, predictor: Any, a: int, frames: int) -> Any:
     import torch
 
-    from .predictor import lerp_embeddings
+    from storycli.motion.predictor.model import lerp_embeddings
 
     start, end = k_all[a : a + 1], k_all[a + 1 : a + 2]
     with torch.inference_mode():
@@ -400,7 +400,7 @@ def _story_frames(
     between two keyframes their transition's interior frames (its first and last frames are
     the keyframes, shown already): K·held + (K−1)·(L−2) frames. At least one frame per keyframe,
     so that --hold 0 still shows every keyframe."""
-    from .video import read_frames
+    from storycli.motion.video.io import read_frames
 
     held = max(1, round(hold * fps))
     size = keyframes[0].image.size
@@ -435,10 +435,10 @@ def _animate(
     decoders: Any,
     claim: contextlib.ExitStack,
 ) -> AnimateResult:
-    from .decoders import DecoderCache
-    from .decoders.base import TransitionRequest
-    from .predictor import weights_path
-    from .video import write_mp4
+    from storycli.motion.decoders import DecoderCache
+    from storycli.motion.decoders.base import TransitionRequest
+    from storycli.motion.predictor.model import weights_path
+    from storycli.motion.video.io import write_mp4
 
     started = time.perf_counter()
     hooks = hooks or AnimateHooks()
@@ -641,7 +641,7 @@ def _write_manifest(
 ) -> None:
     """animate.json. `transitions` lists the transition files on disk and what each was made
     from; `stale` the files of an earlier run still to remove (kept across a kill)."""
-    from .. import __version__
+    from storycli import __version__
 
     manifest = {
         "schema_version": SCHEMA_VERSION,

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigFileError, default_configs_dir
+from storycli.config import ConfigFileError, default_configs_dir
 
 VIDEO_MODELS_FILE = "video_models.yaml"
 DEFAULT_VIDEO_PRESET = "animatediff"

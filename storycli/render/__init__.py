@@ -14,10 +14,9 @@ This package only re-exports the names callers import from ``storycli.render``.
 from __future__ import annotations
 
 from storycli.atomic import atomic_write_bytes, atomic_write_text
-
-from .fonts import CAPTION_FONT_PATH, uncovered_characters
-from .grid import default_columns, make_grid
-from .png import a1111_parameters, read_png_metadata, save_png
+from storycli.render.fonts import CAPTION_FONT_PATH, uncovered_characters
+from storycli.render.grid import default_columns, make_grid
+from storycli.render.png import a1111_parameters, read_png_metadata, save_png
 
 __all__ = [
     "CAPTION_FONT_PATH",

@@ -6,7 +6,7 @@ agrees with how the text is drawn.
 
 from __future__ import annotations
 
-from .fonts import FontChain, font_chain, joins_previous
+from storycli.render.fonts import FontChain, font_chain, joins_previous
 
 __all__ = ["caption_metrics", "wrap_text"]
 

@@ -20,7 +20,7 @@ import math
 
 from PIL import Image
 
-from .captions import caption_metrics, wrap_text
+from storycli.render.captions import caption_metrics, wrap_text
 
 __all__ = ["default_columns", "flatten", "make_grid"]
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..atomic import atomic_write_bytes
-from ..errors import InvalidInput
-from .captions import caption_metrics, wrap_text
-from .grid import flatten, make_grid
-from .layouts import LAYOUTS
+from storycli.atomic import atomic_write_bytes
+from storycli.errors import InvalidInput
+from storycli.render.captions import caption_metrics, wrap_text
+from storycli.render.grid import flatten, make_grid
+from storycli.render.layouts import LAYOUTS
 
 BORDER = 10  # pixels around and between panels
 BACKGROUND = (255, 255, 255)
@@ -224,15 +224,15 @@ def relayout(folder: Path, layout: str | None = None, font_size: int | None = No
     captions, the story's seed, layout and caption size), nothing generated. The folder is
     locked meanwhile (another command working in it is refused), and the manifest's `pages`
     is updated, so pages of an earlier layout are removed now and by later runs."""
-    from ..locks import run_folder_lock
+    from storycli.locks import run_folder_lock
 
     with run_folder_lock(folder, "pages"):
         return _relayout(Path(folder), layout, font_size)
 
 
 def _relayout(folder: Path, layout: str | None, font_size: int | None) -> list[str]:
-    from ..atomic import atomic_write_text, remove_temp_files
-    from ..paths import OutputLocationError, inside_folder, write_problem
+    from storycli.atomic import atomic_write_text, remove_temp_files
+    from storycli.paths import OutputLocationError, inside_folder, write_problem
 
     path = folder / "manifest.json"
     try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .. import DECODERS
-from .base import StepCallback, TransitionDecoder, TransitionRequest
+from storycli.motion import DECODERS
+from storycli.motion.decoders.base import StepCallback, TransitionDecoder, TransitionRequest
 
 __all__ = [
     "DECODERS",
@@ -26,15 +26,15 @@ def load_decoder(
 ) -> TransitionDecoder:
     """The named decoder, its weights loaded (`model`: a preset, hub id or local folder)."""
     if name == "crossfade":
-        from .crossfade import CrossfadeDecoder
+        from storycli.motion.decoders.crossfade import CrossfadeDecoder
 
         return CrossfadeDecoder()
     if name == "latent-slerp":
-        from .latent_slerp import LatentSlerpDecoder, load_vae
+        from storycli.motion.decoders.latent_slerp import LatentSlerpDecoder, load_vae
 
         return LatentSlerpDecoder(*load_vae(model, device, dtype))
     if name == "animatediff":
-        from .animatediff import load_animatediff_decoder
+        from storycli.motion.decoders.animatediff import load_animatediff_decoder
 
         return load_animatediff_decoder(
             model or "animatediff",

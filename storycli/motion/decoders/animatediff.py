@@ -20,26 +20,33 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ...models import (
+from storycli.motion.decoders.base import StepCallback, TransitionRequest
+from storycli.motion.presets import (
+    ComponentRef,
+    VideoPreset,
+    load_video_presets,
+    resolve_video_preset,
+)
+from storycli.story.checks import local_model_path
+from storycli.weights.devices import (
+    Offload,
+    check_offload,
+    place_pipeline,
+    resolve_device,
+    resolve_dtype,
+)
+from storycli.weights.hub import (
     HubWeights,
     ModelUnavailable,
-    Offload,
     cached_snapshot,
-    check_offload,
     from_hub,
     hub_revision,
     load_errors,
-    place_pipeline,
     quiet_loading,
-    resolve_device,
-    resolve_dtype,
     short_reason,
     weights_variant,
 )
-from ...story import local_model_path
-from ..encoder import ENCODERS, ImageEncoder, load_image_encoder
-from ..presets import ComponentRef, VideoPreset, load_video_presets, resolve_video_preset
-from .base import StepCallback, TransitionRequest
+from storycli.weights.image_encoder import ENCODERS, ImageEncoder, load_image_encoder
 
 # ------------------------------------------------------------------------------------ loading
 
@@ -167,7 +174,7 @@ def _load_real_stack(preset: VideoPreset, device: str, dtype: torch.dtype) -> tu
         SparseControlNetModel,
     )
 
-    from ..tiny_video import quiet_diffusers_models
+    from storycli.motion.decoders.animatediff_tiny import quiet_diffusers_models
 
     ip, enc = preset.ip_adapter, preset.image_encoder
     assert preset.motion_adapter and preset.sparsectrl and ip and enc  # checked by presets.py
@@ -267,7 +274,7 @@ def load_animatediff_decoder(
     check_offload(offload, device)
     torch_dtype = resolve_dtype(dtype, device)
     if preset.tiny:
-        from ..tiny_video import build_tiny_animatediff_stack
+        from storycli.motion.decoders.animatediff_tiny import build_tiny_animatediff_stack
 
         pipe = build_tiny_animatediff_stack(torch_dtype)
         encoder = ImageEncoder(

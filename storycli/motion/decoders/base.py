@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from ..encoder import ImageEncoder
+from storycli.weights.image_encoder import ImageEncoder
 
 StepCallback = Callable[[int, int], None]  # (steps done, total) within one transition
 

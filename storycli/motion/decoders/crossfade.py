@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..predictor import taus
-from .base import StepCallback, TransitionRequest
+from storycli.motion.decoders.base import StepCallback, TransitionRequest
+from storycli.motion.predictor.model import taus
 
 
 def blend(

@@ -13,19 +13,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...models import (
+from storycli.motion.decoders.base import StepCallback, TransitionRequest
+from storycli.motion.predictor.model import slerp_embeddings
+from storycli.story.checks import is_model_path
+from storycli.weights.devices import resolve_device, resolve_dtype
+from storycli.weights.hub import (
     HubWeights,
     ModelUnavailable,
     from_hub,
     hub_revision,
     quiet_loading,
-    resolve_device,
-    resolve_dtype,
     short_reason,
 )
-from ...story import is_model_path
-from ..predictor import slerp_embeddings
-from .base import StepCallback, TransitionRequest
 
 # The SDXL VAE, patched to run in float16 without NaNs; same latent space as SDXL's own.
 DEFAULT_VAE = "madebyollin/sdxl-vae-fp16-fix"
@@ -40,7 +39,7 @@ def load_vae(model: str | None, device: str, dtype: str) -> tuple[Any, str]:
     torch_dtype = resolve_dtype(dtype, device)
     source = model or DEFAULT_VAE
     if source == "tiny":
-        from ...tiny import build_tiny_sdxl_pipeline
+        from storycli.weights.tiny import build_tiny_sdxl_pipeline
 
         vae = build_tiny_sdxl_pipeline(torch_dtype).vae
         return vae.to(device), "tiny"
