@@ -186,7 +186,10 @@ def mode_kinds(mode: Mode, id_length: int, micro_batches: list[int], window: int
 
 def csa_settings(mode: Mode) -> Any:
     """CSA in every replaced (up-block) layer at every step: the worst case."""
-    from storycli.consistency import csa
+    try:
+        from storycli.consistency import csa_state as csa
+    except ImportError:  # checkouts before the state left csa.py
+        from storycli.consistency import csa  # type: ignore[no-redef]
 
     return csa.CSASettings(warmup_steps=0, prob_early=1.0, prob_late=1.0, impl=mode.impl)
 
@@ -225,7 +228,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         sync()
         return time.perf_counter() - start, out
 
-    source = Path(csa_module.__file__).read_bytes()
+    # The processor and, where it lives apart (since the backbone seam), CSA's per-call state.
+    folder = Path(csa_module.__file__).parent
+    source = b"".join(
+        (folder / name).read_bytes()
+        for name in ("csa.py", "csa_state.py")
+        if (folder / name).is_file()
+    )
     out: dict[str, Any] = {
         "device_name": device_description(str(device)),
         "csa_source_sha1": hashlib.sha1(source).hexdigest()[:12],
@@ -271,7 +280,16 @@ def time_pairs(
     forward by kind and side, and the largest bank of one step."""
     import torch
 
-    from storycli.consistency.csa import CSAState, csa_layers, installed_csa, windowed_unet
+    try:
+        from storycli.consistency.csa_state import CSAState
+        from storycli.keyframes.backbones.sdxl import csa_layers, installed_csa, windowed_unet
+    except ImportError:  # checkouts before the backbone seam
+        from storycli.consistency.csa import (  # type: ignore[no-redef]
+            CSAState,
+            csa_layers,
+            installed_csa,
+            windowed_unet,
+        )
 
     r, rounds = spec["id_length"], spec["warmup"] + spec["repeats"]
     state = CSAState(csa_settings(mode), csa_layers(unet, ["up"]))

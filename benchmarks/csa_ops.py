@@ -105,7 +105,11 @@ def build_unet() -> Any:
 
 def one_step(unet: Any, method: str, frame_batch: int) -> dict[str, Any]:
     """Every forward of one denoising step of two_friends.yaml, counted in the CSA layers."""
-    from storycli.consistency.csa import CSAState, csa_layers, installed_csa
+    try:
+        from storycli.consistency.csa_state import CSAState
+        from storycli.keyframes.backbones.sdxl import csa_layers, installed_csa
+    except ImportError:  # checkouts before the backbone seam (see the module doc)
+        from storycli.consistency.csa import CSAState, csa_layers, installed_csa  # type: ignore[no-redef]
 
     # From keyframes, where older checkouts have it too (see the module doc).
     from storycli.keyframes.loop import bank_settings, csa_settings, read_characters, story_chunks

@@ -142,13 +142,12 @@ def build_sdxl_pipeline(dtype: Any, device: Any, seed: int) -> Any:
     import torch
     from diffusers import (
         AutoencoderKL,
-        EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from storycli.weights.tiny import build_tokenizer
+    from storycli.weights.tiny import build_tokenizer, sdxl_euler_scheduler
 
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
 
@@ -183,17 +182,7 @@ def build_sdxl_pipeline(dtype: Any, device: Any, seed: int) -> Any:
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval().requires_grad_(False)
         torch.nn.Module.to(module, device=device, dtype=dtype)
-    scheduler = EulerDiscreteScheduler(  # SDXL base's scheduler config
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    scheduler = sdxl_euler_scheduler()
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
-from storycli.consistency.csa import (
-    CSAState,
+from storycli.consistency.csa_state import CSAState
+from storycli.keyframes.backbones.sdxl import (
     csa_layers,
+    freeu_enabled,
+    initial_noise,
     installed_csa,
     windowed_unet,
 )
@@ -23,8 +25,6 @@ from storycli.keyframes.loop import (
     StepCallback,
     bank_settings,
     csa_settings,
-    freeu_enabled,
-    initial_noise,
 )
 from storycli.keyframes.plan import Plan
 from storycli.keyframes.schedule import Chunk, RenderSize, calls_needed, describe_call

@@ -142,7 +142,7 @@ def animate(
     configure_logging(verbose, quiet)
     from storycli.batch.inputs import expand_keyframe_folders
     from storycli.motion.animate import AnimateOptions
-    from storycli.motion.decoders import DecoderCache
+    from storycli.motion.decoders.registry import DecoderCache
 
     folders = run_guarded(lambda: expand_keyframe_folders(keyframes), verbose)
     this_shard = run_guarded(lambda: resolve_shard(shard), verbose)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -24,6 +24,11 @@ from storycli.cli.common import (
 from storycli.errors import EXIT_INVALID, InvalidInput, RuntimeProblem
 from storycli.llm.client import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, DEFAULT_TIMEOUT
 from storycli.story.loader import StoryError
+
+if TYPE_CHECKING:
+    from storycli.config import Configs
+    from storycli.llm.client import Endpoint
+    from storycli.llm.schema import PlanRequest
 
 _LLM = "LLM endpoint (any OpenAI-compatible server)"
 _RESOLVE = "Resolve references in an existing story"
@@ -214,68 +219,23 @@ def plan(
     it passes `storydiff validate`. The model is asked for JSON matching a schema, and an
     answer that does not fit is sent back with the problem, at most twice."""
     from storycli.config import Configs
-    from storycli.llm.client import ChatClient, Endpoint, check_base_url, key_from_env
 
     configure_logging(verbose, quiet)
-    console = stderr_console()
     configs = Configs()
+    # Every option is checked before any request: a mistake costs no model answer.
     cast: dict[str, str] = {}
     if resolve is not None:
-        given = [
-            option
-            for option, value in (
-                ("--emotion", emotion),
-                ("--synopsis", synopsis),
-                ("--characters", characters),
-                ("--style", style),
-                ("--seed", seed),
-                ("--out", out),
-            )
-            if value is not None and value != []
-        ]
-        if given:
-            raise fail(
-                f"{given[0]} does not go with --resolve, which edits an existing story's prompts",
-                EXIT_INVALID,
-            )
-        if write and resolve.parent.is_dir():
-            _check_writable(resolve, "--resolve", "copy the story somewhere writable")
+        given = {"--emotion": emotion, "--synopsis": synopsis, "--characters": characters}
+        given |= {"--style": style, "--seed": seed, "--out": out}
+        _check_resolve_options(resolve, write, given)
     else:
-        if write:
-            raise fail(
-                "--write goes with --resolve STORY (it saves the resolved story)", EXIT_INVALID
-            )
-        if not (emotion or "").strip() and not (synopsis or "").strip():
-            raise fail("give --emotion, --synopsis or both, e.g. --emotion joyful", EXIT_INVALID)
-        if style is not None and style not in configs.styles:
-            raise fail(f"--style {style}: choose one of {', '.join(configs.styles)}", EXIT_INVALID)
-        if out is not None:
-            _check_out(out, overwrite)
-        cast = _parse_cast(characters or [], frames)
-    if not llm_model:
-        raise fail(
-            "give --llm-model (or STORYDIFF_LLM_MODEL): the model's name on the server, e.g. "
-            "llama3.1 for Ollama, gpt-4o-mini for OpenAI; llama.cpp accepts any name",
-            EXIT_INVALID,
+        cast = _check_plan_options(
+            emotion, synopsis, characters, frames, style, out, overwrite, write, configs
         )
-    try:
-        endpoint = Endpoint(
-            base_url=check_base_url(llm_base_url),
-            model=llm_model,
-            api_key=key_from_env(llm_key_env, required=llm_key_env != DEFAULT_KEY_ENV),
-            timeout=llm_timeout,
-            key_env=llm_key_env,
-        )
-    except InvalidInput as exc:
-        raise fail(str(exc), EXIT_INVALID) from None
-    key = endpoint.api_key
-
+    endpoint = _endpoint(llm_base_url, llm_model, llm_key_env, llm_timeout)
     if resolve is not None:
         _resolve(resolve, write, endpoint, configs, json_out, verbose)
         return
-
-    from storycli.atomic import atomic_write_text
-    from storycli.llm.planner import plan_story
     from storycli.llm.schema import PlanRequest
 
     request = PlanRequest(
@@ -286,6 +246,79 @@ def plan(
         style=style,
         seed=seed,
     )
+    _write_plan(request, endpoint, configs, out, json_out, verbose, quiet)
+
+
+def _check_resolve_options(resolve: Path, write: bool, given: dict[str, Any]) -> None:
+    """--resolve edits an existing story: no option of a new story goes with it."""
+    named = [option for option, value in given.items() if value is not None and value != []]
+    if named:
+        raise fail(
+            f"{named[0]} does not go with --resolve, which edits an existing story's prompts",
+            EXIT_INVALID,
+        )
+    if write and resolve.parent.is_dir():
+        _check_writable(resolve, "--resolve", "copy the story somewhere writable")
+
+
+def _check_plan_options(
+    emotion: str | None,
+    synopsis: str | None,
+    characters: list[str] | None,
+    frames: int,
+    style: str | None,
+    out: Path | None,
+    overwrite: bool,
+    write: bool,
+    configs: Configs,
+) -> dict[str, str]:
+    """A new story's options, checked; its fixed cast (name → appearance)."""
+    if write:
+        raise fail("--write goes with --resolve STORY (it saves the resolved story)", EXIT_INVALID)
+    if not (emotion or "").strip() and not (synopsis or "").strip():
+        raise fail("give --emotion, --synopsis or both, e.g. --emotion joyful", EXIT_INVALID)
+    if style is not None and style not in configs.styles:
+        raise fail(f"--style {style}: choose one of {', '.join(configs.styles)}", EXIT_INVALID)
+    if out is not None:
+        _check_out(out, overwrite)
+    return _parse_cast(characters or [], frames)
+
+
+def _endpoint(base_url: str, model: str | None, key_env: str, timeout: float) -> Endpoint:
+    """The language model's endpoint, from the --llm-* options (its key from `key_env`)."""
+    from storycli.llm.client import Endpoint, check_base_url, key_from_env
+
+    if not model:
+        raise fail(
+            "give --llm-model (or STORYDIFF_LLM_MODEL): the model's name on the server, e.g. "
+            "llama3.1 for Ollama, gpt-4o-mini for OpenAI; llama.cpp accepts any name",
+            EXIT_INVALID,
+        )
+    try:
+        return Endpoint(
+            base_url=check_base_url(base_url),
+            model=model,
+            api_key=key_from_env(key_env, required=key_env != DEFAULT_KEY_ENV),
+            timeout=timeout,
+            key_env=key_env,
+        )
+    except InvalidInput as exc:
+        raise fail(str(exc), EXIT_INVALID) from None
+
+
+def _write_plan(
+    request: PlanRequest,
+    endpoint: Endpoint,
+    configs: Configs,
+    out: Path | None,
+    json_out: bool,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Ask the model for the story, write it to `out` (if given) and print it."""
+    from storycli.atomic import atomic_write_text
+    from storycli.llm.client import ChatClient
+    from storycli.llm.planner import plan_story
 
     def work() -> Any:
         with ChatClient(endpoint) as chat:
@@ -294,7 +327,7 @@ def plan(
             atomic_write_text(out, planned.text)
         return planned
 
-    planned = run_guarded(lambda: _guard(work, key), verbose)
+    planned = run_guarded(lambda: _guard(work, endpoint.api_key), verbose)
     if json_out:
         record = {
             "schema_version": 1,
@@ -306,7 +339,7 @@ def plan(
         typer.echo(planned.text, nl=False)
     if out is not None and not quiet:
         names = ", ".join(c.name for c in planned.plan.characters)
-        console.print(
+        stderr_console().print(
             f"[green]wrote[/] {escape(str(out))}: {len(planned.plan.frames)} frames, "
             f"characters {escape(names)}; next: storydiff generate {escape(str(out))}",
             highlight=False,

@@ -1,4 +1,5 @@
-"""Consistency methods: `csa` (StoryDiffusion's Consistent Self-Attention, torch),
-`consolidate` (1Prompt1Story's consolidated prompts and windows, pure Python: the plan uses
-it) and `one_prompt` (its embedding reweighting and identity cross-attention, torch). Nothing
-here knows about files or the CLI; import the submodules themselves."""
+"""Consistency methods: `csa` (StoryDiffusion's Consistent Self-Attention: the attention
+processor) with `csa_state` (its per-call draws and per-step banks), `consolidate`
+(1Prompt1Story's consolidated prompts and windows, pure Python: the plan uses it), `one_prompt`
+(its embedding reweighting and identity cross-attention) and `ip_adapter` (reference photos).
+Nothing here knows about files, the story loop or the CLI; import the submodules themselves."""

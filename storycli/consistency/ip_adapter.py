@@ -64,6 +64,40 @@ def _resampler_state_dict(embed_dim: int, output_dim: int) -> dict[str, torch.Te
     return state
 
 
+# The plain adapters turn one image embedding into 4 tokens (ip-adapter_sd15 and _sdxl alike).
+IMAGE_TOKENS = 4
+
+
+def ip_adapter_state_dict(unet: Any, image_dim: int) -> dict[str, dict[str, torch.Tensor]]:
+    """A random IP-Adapter in the original file layout (`ip-adapter_sd15`, `ip-adapter_sdxl`),
+    for `load_ip_adapter`.
+
+    `image_proj.proj` maps one image embedding to 4 tokens; `ip_adapter.{k}.to_{k,v}_ip` are
+    the decoupled key/value projections of the k-th cross-attention (k = 1, 3, 5, ...: the
+    original numbering counts self-attention layers too), in the UNet's processor order.
+    """
+    from diffusers.models.embeddings import ImageProjection
+
+    cross_dim = unet.config.cross_attention_dim
+    proj = ImageProjection(
+        image_embed_dim=image_dim, cross_attention_dim=cross_dim, num_image_text_embeds=IMAGE_TOKENS
+    )
+    image_proj = {k.replace("image_embeds", "proj"): v for k, v in proj.state_dict().items()}
+    ip_layers: dict[str, torch.Tensor] = {}
+    names = [
+        name
+        for name in unet.attn_processors
+        if not name.endswith("attn1.processor") and "motion_modules" not in name
+    ]
+    for index, name in enumerate(names):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        hidden = attn.to_k.out_features
+        for kind in ("to_k_ip", "to_v_ip"):
+            layer = torch.nn.Linear(cross_dim, hidden, bias=False)
+            ip_layers[f"{2 * index + 1}.{kind}.weight"] = layer.weight.detach().clone()
+    return {"image_proj": image_proj, "ip_adapter": ip_layers}
+
+
 def tiny_ip_adapter(
     unet: Any, variant: str = "plain"
 ) -> tuple[Any, Any, dict[str, dict[str, torch.Tensor]]]:
@@ -71,7 +105,6 @@ def tiny_ip_adapter(
     tower, its processor, the adapter's state dict in that variant's file layout). `plain`
     projects the image embedding to 4 tokens; `plus` and `plus-face` (same architecture,
     different weights, as in h94/IP-Adapter) resample the encoder's hidden states."""
-    from storycli.motion.decoders.animatediff_tiny import ip_adapter_state_dict
     from storycli.weights.image_encoder import build_tiny_image_encoder
 
     encoder, processor = build_tiny_image_encoder()

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storycli import __version__
 from storycli.batch.shard import Shard
@@ -17,6 +17,12 @@ from storycli.config import Configs
 from storycli.errors import InvalidInput
 from storycli.keyframes.plan import Plan, build_plan
 from storycli.story.loader import load_story
+
+if TYPE_CHECKING:
+    from storycli.keyframes.checkpoints import LoopCheckpoint
+    from storycli.keyframes.models import LoadedModel, ModelInfo
+    from storycli.keyframes.schedule import RenderSize
+    from storycli.keyframes.story_folder import StoryRun
 
 
 @dataclass
@@ -207,6 +213,49 @@ def generate_story(
         return _generate_story(story_path, options, configs, hooks, plan, models, claim)
 
 
+@dataclass
+class _Job:
+    """One story's generation as its phases share it: what was asked, then what the model
+    resolves to and the folder's run made with it."""
+
+    story_path: Path
+    options: GenerateOptions
+    configs: Configs
+    hooks: Hooks
+    plan: Plan
+    # Set by `_resolve_model`, before any load: frame keys need only what the model resolves
+    # to, not its weights.
+    info: ModelInfo = field(init=False)  # replaced by the loaded model's when a load learns more
+    size: RenderSize = field(init=False)  # kept from the first resolution: the run's size
+    frame_batch: int = field(init=False)
+    owned: set[int] | None = field(init=False)  # a shared story: this shard's frames, else None
+    # Set by `_prepare_run` (again when a load changes `info`).
+    run: StoryRun = field(init=False)
+    todo: list[int] = field(init=False)  # this shard's frames still to make
+    model_info: dict[str, Any] = field(init=False)  # the model as the run records it
+
+    @property
+    def folder(self) -> Path:
+        return self.options.out / self.plan.story.name
+
+    @property
+    def split(self) -> Shard:
+        return self.options.split
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return (self.size.width, self.size.height)
+
+    def load_options(self) -> dict[str, Any]:
+        """The options both resolving and loading the model take."""
+        return {
+            "device": self.options.device,
+            "dtype": self.options.dtype,
+            "offload": self.options.offload,
+            "vae": self.plan.story.vae,
+        }
+
+
 def _generate_story(
     story_path: Path,
     options: GenerateOptions,
@@ -216,208 +265,285 @@ def _generate_story(
     models: Any,
     claim: contextlib.ExitStack,
 ) -> GenerateResult:
+    """`generate_story`'s phases, in order: claim the folder, resolve the model, find the
+    frames to make, load the model only if any, clean the folder, make the frames, count
+    them, and (the last shard of a story) finish it with its grid, pages and manifest."""
     started = time.perf_counter()
     configs = configs or Configs()
-    hooks = hooks or Hooks()
     plan = plan or load_plan(story_path, options, configs)
-    # Heavy imports only once the story is known to be valid.
-    import torch
-
-    from storycli.atomic import remove_temp_files
-    from storycli.keyframes.checkpoints import CHECKPOINT_NAME, LoopCheckpoint
-    from storycli.keyframes.model_cache import ModelCache
-    from storycli.keyframes.models import ModelInfo, resolve_model, set_scheduler
-    from storycli.keyframes.schedule import calls_needed, default_frame_batch, render_size
-    from storycli.keyframes.split import frames_of_shard
-    from storycli.keyframes.story_folder import FRAME_FILE, GRID, MANIFEST, StoryRun, peak_memory
-    from storycli.locks import run_folder_lock
-    from storycli.paths import check_writable_folder
-    from storycli.render import uncovered_characters
-    from storycli.render.pages import PAGE_RE, PDF
-
-    story = plan.story
-    folder = options.out / story.name
-    # The output location and its ownership are checked before the (slow) model load.
-    check_writable_folder(folder, "--out")
-    # Locked before anything in it is read: a second run on it is refused, not interleaved.
-    claim.enter_context(
-        run_folder_lock(folder, "generate", shared=options.split.active, create=True)
+    job = _Job(story_path, options, configs, hooks or Hooks(), plan)
+    # Heavy imports (torch, the model stack) only in the phases: the story is valid by now.
+    _claim_folder(job, claim)
+    _resolve_model(job)
+    _prepare_run(job)
+    loaded, reused = _load_model(job, models)
+    _announce_model(job, loaded)
+    result = GenerateResult(
+        job.folder,
+        plan,
+        model=job.model_info,
+        size=job.dimensions,
+        model_reused=reused,
+        shard=job.split,
     )
-    StoryRun(folder, story_path, plan, {}, options.overwrite).check_owner()
+    _reset_peak_memory(job.info.device)
+    versions = _library_versions()
+    result.removed = _clean_folder(job)
+    loop = _make_frames(job, loaded, versions) if loaded is not None else {}
+    memory_kind = _tally(job, result, started)
+    if job.split.active and _others_pending(job):
+        result.finished = False  # other shards' frames are still to come: the last one finishes
+        return result
+    _finish_story(job, result, versions, loop, memory_kind)
+    return result
 
-    split = options.split
+
+def _claim_folder(job: _Job, claim: contextlib.ExitStack) -> None:
+    """Check and lock the story's folder; refuse one another story or command owns."""
+    from storycli.keyframes.story_folder import StoryRun, story_folder
+    from storycli.paths import check_writable_folder
+
+    # The output location and its ownership are checked before the (slow) model load.
+    check_writable_folder(job.folder, "--out")
+    # Locked before anything in it is read: a second run on it is refused, not interleaved.
+    story_folder(job.folder).lock(claim, "generate", shared=job.split.active, create=True)
+    StoryRun(job.folder, job.story_path, job.plan, {}, job.options.overwrite).check_owner()
+
+
+def _resolve_model(job: _Job) -> None:
+    """What the story's model resolves to (no weights loaded), the size it renders at, its
+    saved characters checked against both, and how frames are batched and shared out."""
+    from storycli.keyframes.models import resolve_model
+    from storycli.keyframes.schedule import default_frame_batch, render_size
+    from storycli.keyframes.split import frames_of_shard
+
+    story = job.plan.story
+    job.info = resolve_model(story.model, job.configs, job.story_path.parent, **job.load_options())
+    job.size = render_size(job.plan, job.info.long_side)
+    check_saved_banks(job.plan, job.info.model_id, job.dimensions)
+    job.frame_batch = job.options.frame_batch or default_frame_batch(
+        job.info.device.partition(":")[0]
+    )
+    job.owned = frames_of_shard(job.plan, job.frame_batch, job.split) if job.split.active else None
+
+
+def _prepare_run(job: _Job) -> None:
+    """The folder's run as made with `job.info`, and its frames (of this shard) to make."""
+    from storycli.keyframes.story_folder import StoryRun
+
+    job.model_info = job.info.describe() | {"render_size": list(job.dimensions)}
+    job.run = StoryRun(job.folder, job.story_path, job.plan, job.model_info, job.options.overwrite)
+    todo = job.run.pending()
+    job.todo = [i for i in todo if job.owned is None or i in job.owned]
+
+
+def _load_model(job: _Job, models: Any) -> tuple[LoadedModel | None, bool]:
+    """Load the pipeline (or reuse the batch's) only when there is something to make; (the
+    loaded model or None, whether it was reused)."""
+    from storycli.keyframes.model_cache import ModelCache
+
     models = models or ModelCache()
-    load_options: dict[str, Any] = {
-        "device": options.device,
-        "dtype": options.dtype,
-        "offload": options.offload,
-        "vae": story.vae,
-    }
-    # Frame keys need only what the model resolves to, not its weights: the pipeline is loaded
-    # only when there is something to make.
-    info: ModelInfo = resolve_model(story.model, configs, story_path.parent, **load_options)
-    size = render_size(plan, info.long_side)
-    check_saved_banks(plan, info.model_id, (size.width, size.height))
-    frame_batch = options.frame_batch or default_frame_batch(info.device.partition(":")[0])
-    owned = frames_of_shard(plan, frame_batch, split) if split.active else None
+    if not (job.todo or saves_characters(job.plan, job.options.save_characters)):
+        return None, False
+    loaded, reused = models.load(
+        job.plan.story.model,
+        job.configs,
+        base_dir=job.story_path.parent,
+        vae_slicing=job.options.vae_slicing,
+        vae_tiling=job.options.vae_tiling,
+        **job.load_options(),
+    )
+    if loaded.describe() != job.info.describe():  # the load downloaded: a revision is known
+        job.info = loaded
+        _prepare_run(job)
+    return loaded, reused
 
-    def story_run(model: ModelInfo) -> tuple[StoryRun, list[int], dict[str, Any]]:
-        """The folder's run as made with `model`, and its frames (of this shard) to make."""
-        described = model.describe() | {"render_size": [size.width, size.height]}
-        run = StoryRun(folder, story_path, plan, described, options.overwrite)
-        todo = run.pending()
-        return run, [i for i in todo if owned is None or i in owned], described
 
-    run, todo, model_info = story_run(info)
-    saving = saves_characters(plan, options.save_characters)
-    loaded, reused = None, False
-    if todo or saving:
-        loaded, reused = models.load(
-            story.model,
-            configs,
-            base_dir=story_path.parent,
-            vae_slicing=options.vae_slicing,
-            vae_tiling=options.vae_tiling,
-            **load_options,
-        )
-        if loaded.describe() != info.describe():  # the load downloaded: a revision is known
-            info = loaded
-            run, todo, model_info = story_run(info)
+def _announce_model(job: _Job, loaded: LoadedModel | None) -> None:
+    """Tell the hooks which model runs, and the prompts its tokenizer cuts."""
+    hooks = job.hooks
     if hooks.on_model:
-        hooks.on_model(info)
+        hooks.on_model(job.info)
     # Not the tiny model's: its toy tokenizer (bytes and a few merges) cuts every real prompt,
     # which says nothing about the story (its frames are noise anyway).
-    for warning in model_warnings(plan, loaded.pipe) if loaded and not loaded.tiny else []:
+    for warning in model_warnings(job.plan, loaded.pipe) if loaded and not loaded.tiny else []:
         if hooks.on_warning:
             hooks.on_warning(warning)
-    result = GenerateResult(
-        folder,
-        plan,
-        model=model_info,
-        size=(size.width, size.height),
-        model_reused=reused,
-        shard=split,
-    )
-    if info.device.startswith("cuda") and torch.cuda.is_initialized():
+
+
+def _reset_peak_memory(device: str) -> None:
+    """Count this story's CUDA peak only (a batch's earlier stories ran on the same GPU)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
 
+
+def _library_versions() -> dict[str, str]:
+    """The versions the manifest records."""
     from importlib.metadata import version  # not `import diffusers`: seconds, and not needed
 
-    versions = {
+    import torch
+
+    return {
         "torch": torch.__version__,
         "diffusers": version("diffusers"),
         "transformers": version("transformers"),
     }
+
+
+def _checkpoint_name(split: Shard) -> str:
+    """The story loop's checkpoint file (a shard's own, in a shared story)."""
+    from storycli.keyframes.checkpoints import CHECKPOINT_NAME
+
+    if not split.active:
+        return CHECKPOINT_NAME
+    return CHECKPOINT_NAME.replace(".pt", f"-{split.index}of{split.count}.pt")
+
+
+def _clean_folder(job: _Job) -> list[Path]:
+    """Remove a longer earlier story's frames (the leader only) and what a killed run's atomic
+    writes left; the frames removed."""
+    from storycli.keyframes.story_folder import FRAME_FILE, GRID, MANIFEST, story_folder
+    from storycli.render.pages import PAGE_RE, PDF
+
+    removed: list[Path] = []
     # Before the manifest is rewritten: it is what proves those files are ours.
-    if split.leader:
-        result.removed = run.remove_stale_frames()
-    # What a killed run's atomic writes left: temp files of this folder's own names only (of
-    # a shared story: old ones only, the other shards may be writing theirs now).
-    checkpoint_name = (
-        CHECKPOINT_NAME
-        if not split.active
-        else (CHECKPOINT_NAME.replace(".pt", f"-{split.index}of{split.count}.pt"))
-    )
-    ours = {f.file for f in plan.frames} | {GRID, MANIFEST, PDF, checkpoint_name}
-    remove_temp_files(
-        folder,
+    if job.split.leader:
+        removed = job.run.remove_stale_frames()
+    # Temp files of this folder's own names only (of a shared story: old ones only, the other
+    # shards may be writing theirs now).
+    ours = {f.file for f in job.plan.frames} | {GRID, MANIFEST, PDF, _checkpoint_name(job.split)}
+    folder = story_folder(
+        job.folder,
         lambda name: name in ours or any(p.fullmatch(name) for p in (FRAME_FILE, PAGE_RE)),
-        min_age_seconds=600.0 if split.active else 0.0,
     )
-    loop: dict[str, Any] = {}  # what the story loop reports, when it runs
-    if loaded is not None:
-        from storycli.consistency.ip_adapter import attached_ip_adapter
+    folder.remove_leftovers(min_age_seconds=600.0 if job.split.active else 0.0)
+    return removed
 
-        # The adapter (if any) loads before anything is written; it must also come before CSA's
-        # processors, which the story loop installs (loading it resets every processor).
-        with attached_ip_adapter(loaded.pipe, story.photos()) as photo_inputs:
-            writers = save_writers(
-                plan, options.save_characters, info.model_id, (size.width, size.height)
-            )
-            run.write_manifest((size.width, size.height), versions, {}, complete=False)
-            set_scheduler(loaded.pipe, story.scheduler)
-            if hooks.on_start:
-                hooks.on_start(len(todo), story.steps)
-            # Keyed by what makes the loop's numbers: its frames' inputs (in loop order), how they
-            # are batched, and where they run.
-            rows = [i for call in calls_needed(plan, todo, writers) for i in call.frames]
-            checkpoint_key = {
-                "frames": [run.keys[i] for i in rows],
-                "frame_batch": frame_batch,
-                "device": info.device,
-                "compiled": options.compile,
-            }
-            # Saving characters writes every step's bank as it is made: such a run starts at step
-            # 0 (a resumed one would save only the steps after its checkpoint).
-            checkpoint = (
-                None
-                if writers
-                else LoopCheckpoint(
-                    folder / checkpoint_name,
-                    hashlib.sha256(json.dumps(checkpoint_key).encode()).hexdigest()[:16],
-                    every_steps=options.checkpoint_every,
-                )
-            )
 
-            def on_frame(index: int, image: Any, seconds: float) -> None:
-                path = run.save_frame(index, image, seconds)
-                if hooks.on_frame:
-                    hooks.on_frame(index, path)
+def _make_frames(job: _Job, loaded: LoadedModel, versions: dict[str, str]) -> dict[str, Any]:
+    """Run the story loop over this shard's frames, writing each as it is made; what the loop
+    reports."""
+    from storycli.consistency.ip_adapter import attached_ip_adapter
+    from storycli.keyframes.models import set_scheduler
 
-            from storycli.keyframes.loop import (
-                generate_keyframes,  # the model stack: only when it runs
-            )
+    story, run, hooks = job.plan.story, job.run, job.hooks
+    # The adapter (if any) loads before anything is written; it must also come before CSA's
+    # processors, which the story loop installs (loading it resets every processor).
+    with attached_ip_adapter(loaded.pipe, story.photos()) as photo_inputs:
+        writers = save_writers(
+            job.plan, job.options.save_characters, job.info.model_id, job.dimensions
+        )
+        run.write_manifest(job.dimensions, versions, {}, complete=False)
+        set_scheduler(loaded.pipe, story.scheduler)
+        if hooks.on_start:
+            hooks.on_start(len(job.todo), story.steps)
+        checkpoint = _loop_checkpoint(job, writers)
 
-            loop = generate_keyframes(
-                loaded.pipe,
-                plan,
-                todo,
-                size,
-                on_frame=on_frame,
-                on_step=hooks.on_step,
-                on_call=hooks.on_call,
-                compile_backend="inductor" if options.compile else None,
-                frame_batch=frame_batch,
-                checkpoint=checkpoint,
-                save_banks=writers,
-                photos=photo_inputs,
-                decode_batch=options.decode_batch,
-            )
-            if checkpoint is not None:
-                checkpoint.remove()  # its frames are written
-    memory, memory_kind = peak_memory(info.device)
-    result.generated = sorted(run.generated)
-    result.others = [f.index for f in plan.frames if owned is not None and f.index not in owned]
+        def on_frame(index: int, image: Any, seconds: float) -> None:
+            path = run.save_frame(index, image, seconds)
+            if hooks.on_frame:
+                hooks.on_frame(index, path)
+
+        from storycli.keyframes.loop import (
+            generate_keyframes,  # the model stack: only when it runs
+        )
+
+        loop = generate_keyframes(
+            loaded.pipe,
+            job.plan,
+            job.todo,
+            job.size,
+            on_frame=on_frame,
+            on_step=hooks.on_step,
+            on_call=hooks.on_call,
+            compile_backend="inductor" if job.options.compile else None,
+            frame_batch=job.frame_batch,
+            checkpoint=checkpoint,
+            save_banks=writers,
+            photos=photo_inputs,
+            decode_batch=job.options.decode_batch,
+        )
+        if checkpoint is not None:
+            checkpoint.remove()  # its frames are written
+    return loop
+
+
+def _loop_checkpoint(job: _Job, writers: dict[str, Any]) -> LoopCheckpoint | None:
+    """The story loop's checkpoint, keyed by what makes the loop's numbers: its frames'
+    inputs (in loop order), how they are batched, and where they run. None when saving
+    characters: that writes every step's bank as it is made, so such a run starts at step 0
+    (a resumed one would save only the steps after its checkpoint)."""
+    from storycli.keyframes.checkpoints import LoopCheckpoint
+    from storycli.keyframes.schedule import calls_needed
+
+    rows = [i for call in calls_needed(job.plan, job.todo, writers) for i in call.frames]
+    checkpoint_key = {
+        "frames": [job.run.keys[i] for i in rows],
+        "frame_batch": job.frame_batch,
+        "device": job.info.device,
+        "compiled": job.options.compile,
+    }
+    if writers:
+        return None
+    return LoopCheckpoint(
+        job.folder / _checkpoint_name(job.split),
+        hashlib.sha256(json.dumps(checkpoint_key).encode()).hexdigest()[:16],
+        every_steps=job.options.checkpoint_every,
+    )
+
+
+def _tally(job: _Job, result: GenerateResult, started: float) -> str:
+    """Which frames were made, skipped or left to other shards, and what it took; the kind of
+    peak memory measured."""
+    from storycli.keyframes.story_folder import peak_memory
+
+    memory, memory_kind = peak_memory(job.info.device)
+    generated, owned, frames = job.run.generated, job.owned, job.plan.frames
+    result.generated = sorted(generated)
+    result.others = [f.index for f in frames if owned is not None and f.index not in owned]
     result.skipped = [
-        f.index
-        for f in plan.frames
-        if f.index not in run.generated and f.index not in result.others
+        f.index for f in frames if f.index not in generated and f.index not in result.others
     ]
     result.seconds = time.perf_counter() - started
     result.peak_memory_bytes = memory
-    if split.active and StoryRun(folder, story_path, plan, model_info).pending():
-        result.finished = False  # other shards' frames are still to come: the last one finishes
-        return result
+    return memory_kind
+
+
+def _others_pending(job: _Job) -> bool:
+    """A shared story: whether other shards' frames are still to be written."""
+    from storycli.keyframes.story_folder import StoryRun
+
+    return bool(StoryRun(job.folder, job.story_path, job.plan, job.model_info).pending())
+
+
+def _finish_story(
+    job: _Job, result: GenerateResult, versions: dict[str, str], loop: dict[str, Any], kind: str
+) -> None:
+    """Write the grid, the pages and the complete manifest (every frame is written)."""
+    from storycli.render import uncovered_characters
+
+    run, split = job.run, job.split
     run.write_grid()
     pages = run.write_pages()
-    missing = uncovered_characters(f.caption for f in plan.frames)
-    if missing and hooks.on_warning:
-        hooks.on_warning(
+    missing = uncovered_characters(f.caption for f in job.plan.frames)
+    if missing and job.hooks.on_warning:
+        job.hooks.on_warning(
             f"grid.png: no font on this machine draws {' '.join(missing)} (shown as boxes); "
             "install a font that covers them (e.g. fonts-noto-cjk for Chinese, Japanese, Korean)"
         )
     run.write_manifest(
-        (size.width, size.height),
+        job.dimensions,
         versions,
         {
             "seconds": round(result.seconds, 3),
-            "peak_memory_bytes": memory,
-            "peak_memory_kind": memory_kind,
-            "compiled": options.compile,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "peak_memory_kind": kind,
+            "compiled": job.options.compile,
             "story_loop": loop,
             "pages": pages,
             "pdf": "comic.pdf",
             "shard": {"index": split.index, "count": split.count} if split.active else None,
         },
     )
-    return result

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from storycli.config import Configs
+from storycli.config import Configs, Style
 from storycli.consistency.consolidate import Consolidated, consolidated_frames
 from storycli.saved_banks import read_meta
 from storycli.seeds import derive_seed
@@ -277,28 +277,54 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
     """Resolve prompts, pick each character's references and order the pipeline calls."""
     configs = configs or Configs()
     style = configs.styles[story.style] if story.style else None
-    negative = ", ".join(
+    negative = _negative_prompt(story, style)
+    groups = _reference_groups(story)
+    references = groups if story.uses_csa else {}
+    warnings = _plan_warnings(story, negative)
+    consolidated = _consolidated(story, style)
+    frames = _plan_frames(story, style, negative, groups, references, consolidated, warnings)
+    calls = _order_calls(story, groups, frames)
+    banks = {
+        name: (folder, read_meta(Path(folder))["digest"]) for name, folder in story.banks().items()
+    }
+    return Plan(
+        story,
+        tuple(frames),
+        references,
+        tuple(calls),
+        tuple(warnings),
+        consolidated,
+        banks,
+        {owner: _file_sha256(adapter.image) for owner, adapter in story.photos()},
+    )
+
+
+def _negative_prompt(story: Story, style: Style | None) -> str:
+    """The style's negative prompt, then the story's (empty parts left out)."""
+    return ", ".join(
         part for part in ((style.negative if style else ""), story.negative) if part.strip()
     )
-    digits = max(2, len(str(len(story.frames))))
-    # Each character's first `id_length` solo frames are denoised together in one batch. Without
-    # consistency they are still batched the same way, so switching CSA off changes nothing but
-    # the attention (batch composition alone can move float results by an ulp).
+
+
+def _reference_groups(story: Story) -> dict[str, tuple[int, ...]]:
+    """The frames denoised together in one batch per character: its first `id_length` solo
+    frames (not of a saved character, which reads its bank; none in window mode)."""
+    if story.uses_csa and story.consistency.mode == "window":
+        # Window mode: every frame with a character is denoised in one windowed call.
+        return {}
+    # Without consistency they are still batched the same way, so switching CSA off changes
+    # nothing but the attention (batch composition alone can move float results by an ulp).
     id_length = story.consistency.id_length
     saved = story.banks()
-    groups = {
+    return {
         name: tuple(indexes[:id_length])
         for name, indexes in single_character_frames(story).items()
         if indexes and name not in saved
     }
-    windowed = story.uses_csa and story.consistency.mode == "window"
-    if windowed:
-        # Window mode: every frame with a character is denoised in one windowed call.
-        groups = {}
-    references = groups if story.uses_csa else {}
-    grouped = {i for idx in groups.values() for i in idx}
-    reference_of = {i: name for name, idx in references.items() for i in idx}
 
+
+def _plan_warnings(story: Story, negative: str) -> list[PlanWarning]:
+    """The story's own warnings, then a negative prompt the text encoder would cut."""
     warnings = [PlanWarning(loc, message) for loc, message in story_warnings(story)]
     if (cut := encoder_cut(negative)) is not None:
         warnings.append(
@@ -309,56 +335,44 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
                 "shorten it",
             )
         )
+    return warnings
 
+
+def _consolidated(story: Story, style: Style | None) -> dict[int, Consolidated]:
+    """1Prompt1Story: each character frame's consolidated prompt (none without it)."""
+    if not story.uses_one_prompt:
+        return {}
+    return consolidated_frames(
+        story, style.prompt if style else "{prompt}", story.consistency.one_prompt.max_frames
+    )
+
+
+def _plan_frames(
+    story: Story,
+    style: Style | None,
+    negative: str,
+    groups: dict[str, tuple[int, ...]],
+    references: dict[str, tuple[int, ...]],
+    consolidated: dict[int, Consolidated],
+    warnings: list[PlanWarning],
+) -> list[PlannedFrame]:
+    """Every frame planned, in story order; prompts over budget add to `warnings`."""
+    digits = max(2, len(str(len(story.frames))))
+    reference_of = {i: name for name, idx in references.items() for i in idx}
     pictures = story.pictures()
     noise = noise_draws(story, [*groups.values(), tuple(i for i, _ in _window_frames(story))])
-    consolidated = (
-        consolidated_frames(
-            story, style.prompt if style else "{prompt}", story.consistency.one_prompt.max_frames
-        )
-        if story.uses_one_prompt
-        else {}
-    )
     frames = []
     expanded: dict[str, str] = {}  # a prompt repeated (YAML aliases) is expanded once
     for i, spec in enumerate(story.frames):
         characters = frame_characters(story, spec.prompt)
-        # SDXL's text encoders see 77 tokens and diffusers cuts the rest: the end, which is the
-        # style's suffix. Trimming the frame's own text instead keeps the style and makes the
-        # planned prompt exactly what gets encoded. Prompts within budget are left as they are,
-        # so they encode (and render) exactly as in diffusers and the reference code, which
-        # chunked long-prompt encoding (compel / sd_embed style) would not; chunking can come
-        # with the project's own pipeline loop later.
         if i in consolidated:
-            # Its window is as long as fits: only an identity and frame too long on their own
-            # go over, and the encoder cuts their end.
-            prompt = consolidated[i].prompt
-            if (cut := encoder_cut(prompt)) is not None:
-                warnings.append(
-                    PlanWarning(
-                        ("frames", i),
-                        f"identity and frame are {count_tokens(prompt)} tokens together, over "
-                        f'the text encoder\'s {MAX_LENGTH}: "{quote(cut)}" is dropped; '
-                        "shorten them",
-                    )
-                )
+            prompt = _consolidated_prompt(consolidated[i], i, warnings)
         else:
             if spec.prompt not in expanded:
                 expanded[spec.prompt] = expand_prompt(story, spec.prompt)
-            fitted = fit_prompt(expanded[spec.prompt], style.apply if style else str)
-            if fitted.dropped is not None:
-                warnings.append(
-                    PlanWarning(("frames", i), _over_budget(fitted, characters, story.style))
-                )
-            prompt = fitted.prompt
-        if windowed and characters:
-            role: Role = "window"
-        elif i in reference_of:
-            role = "reference"
-        elif story.uses_csa and characters:
-            role = "read"
-        else:
-            role = "plain"
+            prompt = _fitted_prompt(
+                expanded[spec.prompt], style, story.style, characters, i, warnings
+            )
         frames.append(
             PlannedFrame(
                 index=i,
@@ -368,7 +382,7 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
                 negative=negative,
                 caption=spec.caption,
                 characters=characters,
-                role=role,
+                role=_frame_role(story, characters, i in reference_of),
                 reference_of=reference_of.get(i),
                 seed=noise[i][0],
                 noise_index=noise[i][1],
@@ -376,7 +390,65 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
                 picture_sha256=_file_sha256(pictures[i]) if i in pictures else None,
             )
         )
+    return frames
 
+
+def _consolidated_prompt(consolidated: Consolidated, i: int, warnings: list[PlanWarning]) -> str:
+    """A 1Prompt1Story frame's prompt. Its window is as long as fits: only an identity and
+    frame too long on their own go over, and the encoder cuts their end."""
+    prompt = consolidated.prompt
+    if (cut := encoder_cut(prompt)) is not None:
+        warnings.append(
+            PlanWarning(
+                ("frames", i),
+                f"identity and frame are {count_tokens(prompt)} tokens together, over "
+                f'the text encoder\'s {MAX_LENGTH}: "{quote(cut)}" is dropped; '
+                "shorten them",
+            )
+        )
+    return prompt
+
+
+def _fitted_prompt(
+    expanded: str,
+    style: Style | None,
+    style_name: str | None,
+    characters: tuple[str, ...],
+    i: int,
+    warnings: list[PlanWarning],
+) -> str:
+    """A frame's expanded prompt in its style, trimmed to the text encoder's budget.
+
+    SDXL's text encoders see 77 tokens and diffusers cuts the rest: the end, which is the
+    style's suffix. Trimming the frame's own text instead keeps the style and makes the
+    planned prompt exactly what gets encoded. Prompts within budget are left as they are,
+    so they encode (and render) exactly as in diffusers and the reference code, which
+    chunked long-prompt encoding (compel / sd_embed style) would not; chunking can come
+    with the project's own pipeline loop later."""
+    fitted = fit_prompt(expanded, style.apply if style else str)
+    if fitted.dropped is not None:
+        warnings.append(PlanWarning(("frames", i), _over_budget(fitted, characters, style_name)))
+    return fitted.prompt
+
+
+def _frame_role(story: Story, characters: tuple[str, ...], is_reference: bool) -> Role:
+    """What a frame does in the story loop: shown in the window, a character's reference,
+    reading the references (CSA), or plain."""
+    if story.uses_csa and story.consistency.mode == "window" and characters:
+        return "window"
+    if is_reference:
+        return "reference"
+    if story.uses_csa and characters:
+        return "read"
+    return "plain"
+
+
+def _order_calls(
+    story: Story, groups: dict[str, tuple[int, ...]], frames: list[PlannedFrame]
+) -> list[GenerationCall]:
+    """The pipeline calls in order: each character's batch, the window, then every other
+    frame alone."""
+    grouped = {i for idx in groups.values() for i in idx}
     calls = [
         GenerationCall(
             "write" if story.uses_csa else "plain",
@@ -394,14 +466,4 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         for f in frames
         if f.index not in grouped and f.role != "window"
     ]
-    banks = {name: (folder, read_meta(Path(folder))["digest"]) for name, folder in saved.items()}
-    return Plan(
-        story,
-        tuple(frames),
-        references,
-        tuple(calls),
-        tuple(warnings),
-        consolidated,
-        banks,
-        {owner: _file_sha256(adapter.image) for owner, adapter in story.photos()},
-    )
+    return calls

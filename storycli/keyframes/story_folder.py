@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +15,10 @@ from typing import Any
 from PIL import Image
 
 from storycli import __version__
-from storycli.atomic import atomic_write_bytes, atomic_write_text
+from storycli.atomic import atomic_write_bytes
 from storycli.errors import InvalidInput
 from storycli.keyframes.plan import Plan, PlannedFrame
+from storycli.outputs import Owner, RunFolder
 from storycli.render import a1111_parameters, make_grid, read_png_metadata, save_png
 
 MANIFEST = "manifest.json"
@@ -41,6 +42,12 @@ def peak_memory(device: str) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
 
 
+def story_folder(folder: Path, owns: Callable[[str], bool] | None = None) -> RunFolder:
+    """A story's folder `<out>/<name>/` as storycli.outputs owns it: lock, leftovers, manifest.
+    `owns`: the file names this run writes there (their temp files are its leftovers)."""
+    return RunFolder(folder, MANIFEST, owns=owns, error=OutputConflict)
+
+
 @dataclass
 class StoryRun:
     """One story's folder `<out>/<name>/` and what this run did in it."""
@@ -58,32 +65,33 @@ class StoryRun:
     def __post_init__(self) -> None:
         self.story_file = self.story_file.resolve()
         self.keys = [self.plan.frame_key(f.index, self.model) for f in self.plan.frames]
-        manifest = self.folder / MANIFEST
-        if manifest.is_file():
-            try:
-                self.previous = json.loads(manifest.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                self.previous = {}
+        self.previous = self.run_folder.read_manifest() or {}
+
+    @property
+    def run_folder(self) -> RunFolder:
+        """The folder as storycli.outputs sees it: its manifest, ownership and leftovers."""
+        return story_folder(self.folder)
 
     # -- ownership ----------------------------------------------------------------------------
 
     def check_owner(self) -> None:
         """Refuse to write into a folder made from another story, unless overwriting."""
-        if self.overwrite or not self.folder.exists():
-            return
-        if not self.folder.is_dir():
-            raise OutputConflict(f"{self.folder} exists and is not a folder")
-        owner = self.previous.get("story_file")
-        if owner is not None and owner != str(self.story_file):
-            raise OutputConflict(
-                f"{self.folder} holds frames of another story ({owner}); choose another --out "
-                "or a different `name:`, or pass --overwrite to replace them"
-            )
-        if owner is None and any(self.folder.iterdir()):
-            raise OutputConflict(
-                f"{self.folder} is not empty and has no storydiff manifest; choose another --out "
-                "or pass --overwrite"
-            )
+        self.run_folder.check_owner(
+            Owner(
+                key="story_file",
+                value=str(self.story_file),
+                not_a_folder=f"{self.folder} exists and is not a folder",
+                other=lambda owner: (
+                    f"{self.folder} holds frames of another story ({owner}); choose another "
+                    "--out or a different `name:`, or pass --overwrite to replace them"
+                ),
+                foreign=(
+                    f"{self.folder} is not empty and has no storydiff manifest; choose another "
+                    "--out or pass --overwrite"
+                ),
+            ),
+            self.overwrite,
+        )
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -220,7 +228,6 @@ class StoryRun:
         also claims the folder for this story, so an interrupted first run can resume) and again
         at the end."""
         plan = self.plan
-        self.folder.mkdir(parents=True, exist_ok=True)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "complete": complete,
@@ -244,6 +251,4 @@ class StoryRun:
             ],
             **extra,
         }
-        path = self.folder / MANIFEST
-        atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        return path
+        return self.run_folder.write_manifest(manifest)

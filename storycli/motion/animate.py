@@ -24,11 +24,10 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from storycli.atomic import atomic_write_text
-from storycli.atomic import temp_target as atomic_temp_target
 from storycli.errors import InvalidInput
-from storycli.locks import run_folder_lock
-from storycli.motion.video.io import IMAGE_SUFFIXES, temp_target
+from storycli.motion.video.io import IMAGE_SUFFIXES
+from storycli.motion.video.io import temp_target as video_temp_target
+from storycli.outputs import Owner, RunFolder, TempScheme
 from storycli.paths import check_writable_folder
 from storycli.seeds import derive_seed
 
@@ -41,7 +40,6 @@ FITS = ("crop", "letterbox")
 # the others need codecs Pillow may lack): named in a note instead of being skipped silently.
 NOT_KEYFRAME_SUFFIXES = frozenset({".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"})
 _TRANSITION_FILE = re.compile(r"transition_\d+_\d+\.mp4")
-# storycli/atomic.py `_open_temp` names its temp files `.NAME.<secrets.token_hex(6)>.tmp`.
 # Bumped when story.mp4 is assembled differently, so that older ones are remade. 2: every
 # keyframe held at least one frame, with the transitions' interior frames between them.
 _STORY_ASSEMBLY = 2
@@ -249,66 +247,43 @@ def _key(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _is_video_name(name: str) -> bool:
     """A name of an MP4 animate writes."""
     return name == STORY_VIDEO or _TRANSITION_FILE.fullmatch(name) is not None
 
 
-def _own_temp_files(out: Path) -> list[Path]:
-    """The temp files a killed animate run leaves in `out`: write_mp4's for its videos,
-    atomic_write_text's for animate.json. Only those exact names, only plain files."""
-    if not out.is_dir():
-        return []
-    found = []
-    for path in out.iterdir():
-        target = temp_target(path.name)
-        if target is not None:
-            ours = _is_video_name(target)
-        else:
-            ours = atomic_temp_target(path.name) == MANIFEST
-        if ours and path.is_file() and not path.is_symlink():
-            found.append(path)
-    return sorted(found)
-
-
-def _check_owner(out: Path, keyframes: Path, overwrite: bool) -> dict[str, Any]:
-    """The previous manifest of this output folder ({} if none), refusing a folder that holds
-    other keyframes' videos or files not made by animate (unless overwriting). With
-    `overwrite` it is returned all the same: it still says which files animate wrote."""
-    if out.exists() and not out.is_dir():
-        raise AnimateError(f"{out}: exists and is not a folder; choose another --out")
-    previous = _read_manifest(out)
-    if previous == {} and not overwrite:
-        raise AnimateError(
+def _claim_output(
+    out: Path, keyframes: Path, overwrite: bool, claim: contextlib.ExitStack
+) -> tuple[RunFolder, dict[str, Any]]:
+    """Lock the output folder (until `claim` closes) and return it with its previous manifest
+    ({} if none), refusing a folder that holds other keyframes' videos or files not made by
+    animate (unless overwriting). With `overwrite` the manifest is returned all the same: it
+    still says which files animate wrote. Its leftovers are write_mp4's temp files of the
+    videos and atomic_write_text's of animate.json: only those exact names, plain files."""
+    check_writable_folder(out, "--out")
+    folder = RunFolder(
+        out, MANIFEST, temps=[TempScheme(video_temp_target, _is_video_name)], error=AnimateError
+    )
+    # Locked before anything in it is read: a second run on it is refused, not interleaved.
+    folder.lock(claim, "animate", create=True)
+    owner = Owner(
+        key="keyframes",
+        value=str(keyframes.resolve()),
+        not_a_folder=f"{out}: exists and is not a folder; choose another --out",
+        other=lambda recorded: (
+            f"{out}: holds videos of other keyframes ({recorded}); choose another --out or "
+            "pass --overwrite"
+        ),
+        foreign=(
+            f"{out}: folder exists and was not made by `storydiff animate`; choose another "
+            "--out or pass --overwrite"
+        ),
+        unreadable=(
             f"{out / MANIFEST}: not a readable animate manifest; pass --overwrite to remake "
             "the folder's videos"
-        )
-    if previous is None:
-        # A run killed while writing its first manifest leaves only temp files of its own.
-        leftovers = set(_own_temp_files(out))
-        if not overwrite and out.exists() and any(p not in leftovers for p in out.iterdir()):
-            raise AnimateError(
-                f"{out}: folder exists and was not made by `storydiff animate`; choose another "
-                "--out or pass --overwrite"
-            )
-        return {}
-    if not overwrite and previous.get("keyframes") != str(keyframes.resolve()):
-        raise AnimateError(
-            f"{out}: holds videos of other keyframes ({previous.get('keyframes')}); choose "
-            "another --out or pass --overwrite"
-        )
-    return previous
+        ),
+    )
+    return folder, folder.check_owner(owner, overwrite)
 
 
 def _records(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -435,41 +410,123 @@ def _animate(
     decoders: Any,
     claim: contextlib.ExitStack,
 ) -> AnimateResult:
-    from storycli.motion.decoders import DecoderCache
-    from storycli.motion.decoders.base import TransitionRequest
-    from storycli.motion.predictor.model import weights_path
-    from storycli.motion.video.io import write_mp4
-
     started = time.perf_counter()
-    hooks = hooks or AnimateHooks()
+    job = _check_and_claim(options, hooks or AnimateHooks(), claim)
+    # Nothing is written before the decoder is loaded and every input checked.
+    _load_decoder(job, decoders)
+    _remove_leftovers(job)
+    _plan_transitions(job)
+    # Claims the folder before any video is written, so a run killed now can be resumed.
+    job.save(complete=False, story_key=job.old.get("story_key"))
+    _make_transitions(job)
+    story_key = _make_story(job)
+    _remove_stale(job)
+    job.result.seconds = time.perf_counter() - started
+    job.save(complete=True, story_key=story_key)
+    return job.result
 
-    def note(text: str) -> None:
-        if hooks.on_note:
-            hooks.on_note(text)
 
-    def phase(label: str) -> Callable[[int, int], None] | None:
+@dataclass
+class _Job:
+    """One animate call: its inputs, and what its phases found and made so far."""
+
+    options: AnimateOptions
+    hooks: AnimateHooks
+    keyframes: list[Keyframe]
+    folder: RunFolder
+    previous: dict[str, Any]  # the folder's manifest, also with --overwrite ({} if none)
+    loaded_predictor: Any
+    result: AnimateResult
+    decoder: Any = None
+    fps: int = 0
+    k_all: Any = None  # per-keyframe embeddings; None for a decoder that uses none
+    predictor: Any = None  # None: the linear baseline
+    # One record per transition to make, as animate.json lists them.
+    records: list[dict[str, Any]] = field(default_factory=list)
+    # What each transition file on disk was made from, as far as a manifest knows: the
+    # partial manifests record this, so a rerun after a kill keeps exactly what is valid.
+    on_disk: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Transitions an earlier run wrote that this one does not make; removed once it is done.
+    stale: list[str] = field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return self.folder.folder
+
+    @property
+    def old(self) -> dict[str, Any]:
+        """What an earlier run made that may be kept: nothing with --overwrite."""
+        return {} if self.options.overwrite else self.previous
+
+    def note(self, text: str) -> None:
+        if self.hooks.on_note:
+            self.hooks.on_note(text)
+
+    def phase(self, label: str) -> Callable[[int, int], None] | None:
         """A (done, total) callback reporting `label` to on_phase; None without that hook."""
-        on_phase = hooks.on_phase
+        on_phase = self.hooks.on_phase
         if on_phase is None:
             return None
         return lambda done, total: on_phase(label, done, total)
 
+    def save(self, complete: bool, story_key: str | None) -> None:
+        """Write animate.json. Until complete it lists only the transition files on disk and
+        what each was made from, and `stale` the files of an earlier run still to remove (kept
+        across a kill)."""
+        from storycli import __version__
+
+        options, keyframes, on_disk = self.options, self.keyframes, self.on_disk
+        listed = [on_disk[r["file"]] for r in self.records if r["file"] in on_disk]
+        self.folder.write_manifest(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "complete": complete,
+                "storydiff_version": __version__,
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "keyframes": str(options.keyframes.resolve()),
+                "keyframe_files": [k.path.name for k in keyframes],
+                "size": list(keyframes[0].image.size),
+                "decoder": self.result.decoder,
+                "frames": options.frames,
+                "fps": self.fps,
+                "hold": options.hold,
+                "quality": options.quality,
+                "seed": options.seed,
+                "fit": options.fit,
+                "transitions": self.records if complete else listed,
+                "stale": [] if complete else self.stale,
+                "story": STORY_VIDEO if complete else None,
+                "story_key": story_key,
+            }
+        )
+
+
+def _check_and_claim(
+    options: AnimateOptions, hooks: AnimateHooks, claim: contextlib.ExitStack
+) -> _Job:
+    """Check the options and keyframes, lock the output folder and check that it is ours, load
+    the predictor: everything that can refuse the run before the (slow) decoder load."""
     if options.frames < 2:
         raise AnimateError(f"--frames {options.frames}: a transition needs at least 2 frames")
     if options.hold < 0:
         raise AnimateError(f"--hold {options.hold}: must be 0 or more seconds")
     keyframes, notes = load_keyframes(options.keyframes, options.fit)
     for text in notes:
-        note(text)
+        if hooks.on_note:
+            hooks.on_note(text)
     out = options.out or options.keyframes / "video"
-    check_writable_folder(out, "--out")
-    # Locked before anything in it is read: a second run on it is refused, not interleaved.
-    claim.enter_context(run_folder_lock(out, "animate", create=True))
-    previous = _check_owner(out, options.keyframes, options.overwrite)
-    old = {} if options.overwrite else previous  # what may be kept
+    folder, previous = _claim_output(out, options.keyframes, options.overwrite, claim)
     loaded_predictor = _load_predictor(options)
+    return _Job(options, hooks, keyframes, folder, previous, loaded_predictor, AnimateResult(out))
 
-    # Nothing is written before the decoder is loaded and every input checked.
+
+def _load_decoder(job: _Job, decoders: Any) -> None:
+    """The decoder (kept in `decoders` for a batch's next folder), its frame rate, the
+    keyframes' embeddings and the description animate.json records."""
+    from storycli.motion.decoders.registry import DecoderCache
+    from storycli.motion.predictor.model import weights_path
+
+    options = job.options
     decoders = decoders or DecoderCache()
     decoder = decoders.load(
         options.decoder,
@@ -485,29 +542,38 @@ def _animate(
             f"--frames {options.frames}: the {decoder.name} decoder makes at most "
             f"{decoder.max_frames} frames per transition"
         )
-    fps = options.fps or decoder.fps
-    k_all, predictor = _embeddings(decoder, keyframes, loaded_predictor, options, note)
+    job.decoder = decoder
+    job.fps = options.fps or decoder.fps
+    job.k_all, job.predictor = _embeddings(
+        decoder, job.keyframes, job.loaded_predictor, options, job.note
+    )
     described = decoder.describe()
-    if predictor is not None:
+    if job.predictor is not None:
         weights = weights_path(options.predictor)  # type: ignore[arg-type]
         described |= {
             "predictor": str(weights.resolve()),
             "predictor_sha256": _file_digest(weights),
         }
-    result = AnimateResult(out, decoder=described)
-    out.mkdir(parents=True, exist_ok=True)
-    leftovers = _own_temp_files(out)
-    for path in leftovers:
-        path.unlink(missing_ok=True)
+    job.result.decoder = described
+
+
+def _remove_leftovers(job: _Job) -> None:
+    """Make the output folder, and remove the temp files a killed run left in it."""
+    job.out.mkdir(parents=True, exist_ok=True)
+    leftovers = job.folder.remove_leftovers()
     if leftovers:
-        note(
+        job.note(
             f"removed {len(leftovers)} leftover temp file(s) of an interrupted run: "
             f"{', '.join(p.name for p in leftovers)}"
         )
 
+
+def _plan_transitions(job: _Job) -> None:
+    """The record (file, key, seed) of each transition, which of them are on disk already,
+    and the files of an earlier run this one does not make."""
+    options, keyframes = job.options, job.keyframes
     digests = [_file_digest(k.path) for k in keyframes]
     count = len(keyframes)
-    records: list[dict[str, Any]] = []
     for a in range(count - 1):
         seed = derive_seed(options.seed, "transition", a)
         key = _key(
@@ -515,18 +581,17 @@ def _animate(
                 "keyframes": digests[a : a + 2],
                 "size": keyframes[0].image.size,
                 "fit": options.fit,
-                "decoder": described,
+                "decoder": job.result.decoder,
                 "frames": options.frames,
-                "fps": fps,
+                "fps": job.fps,
                 "quality": options.quality,
                 "seed": seed,
                 "prompts": [keyframes[a].prompt, keyframes[a + 1].prompt],
             }
         )
-        name = transition_name(a + 1, a + 2, count)
-        records.append(
+        job.records.append(
             {
-                "file": name,
+                "file": transition_name(a + 1, a + 2, count),
                 "from": keyframes[a].path.name,
                 "to": keyframes[a + 1].path.name,
                 "key": key,
@@ -534,133 +599,100 @@ def _animate(
                 "frames": options.frames,
             }
         )
-    # What each transition file on disk was made from, as far as a manifest knows: the
-    # partial manifests record this, so a rerun after a kill keeps exactly what is valid.
-    current = {r["file"] for r in records}
-    on_disk = {
-        r["file"]: r for r in _records(old) if r["file"] in current and (out / r["file"]).is_file()
+    current = {r["file"] for r in job.records}
+    job.on_disk = {
+        r["file"]: r
+        for r in _records(job.old)
+        if r["file"] in current and (job.out / r["file"]).is_file()
     }
-    # Transitions an earlier run wrote that this one does not make; removed once it is done.
-    stale = sorted(_written_by_animate(previous) - current)
+    job.stale = sorted(_written_by_animate(job.previous) - current)
 
-    def save(complete: bool, story_key: str | None) -> None:
-        listed = (
-            records if complete else [on_disk[r["file"]] for r in records if r["file"] in on_disk]
-        )
-        _write_manifest(
-            out,
-            options,
-            described,
-            fps,
-            listed,
-            keyframes,
-            complete,
-            story_key,
-            stale=[] if complete else stale,
-        )
 
-    # Claims the folder before any video is written, so a run killed now can be resumed.
-    save(False, old.get("story_key"))
+def _make_transitions(job: _Job) -> None:
+    """Decode and write each transition whose inputs changed; keep the others. The manifest
+    is rewritten after each one, so a kill loses at most the video being made."""
+    from storycli.motion.decoders.base import TransitionRequest
+    from storycli.motion.video.io import write_mp4
+
+    hooks, options, keyframes, result = job.hooks, job.options, job.keyframes, job.result
     if hooks.on_start:
-        hooks.on_start(len(records))
-    for a, record in enumerate(records):
-        path = out / record["file"]
+        hooks.on_start(len(job.records))
+    for a, record in enumerate(job.records):
+        path = job.out / record["file"]
         result.transitions.append(path)
-        if on_disk.get(record["file"], {}).get("key") == record["key"]:
+        if job.on_disk.get(record["file"], {}).get("key") == record["key"]:
             if hooks.on_kept:
                 hooks.on_kept(path)
             continue
         if hooks.on_transition:
             hooks.on_transition(f"{record['from']} → {record['to']}")
+        embeddings = (
+            None if job.k_all is None else _predict(job.k_all, job.predictor, a, options.frames)
+        )
         request = TransitionRequest(
             start=keyframes[a].image,
             end=keyframes[a + 1].image,
             frames=options.frames,
-            embeddings=None if k_all is None else _predict(k_all, predictor, a, options.frames),
+            embeddings=embeddings,
             start_prompt=keyframes[a].prompt,
             end_prompt=keyframes[a + 1].prompt,
             seed=record["seed"],
         )
-        frames = decoder.transition(request, on_step=hooks.on_step)
-        write_mp4(path, frames, fps, options.quality, on_frame=phase(f"encoding {record['file']}"))
-        on_disk[record["file"]] = record
+        frames = job.decoder.transition(request, on_step=hooks.on_step)
+        encoding = job.phase(f"encoding {record['file']}")
+        write_mp4(path, frames, job.fps, options.quality, on_frame=encoding)
+        job.on_disk[record["file"]] = record
         result.generated.append(path)
         if hooks.on_written:
             hooks.on_written(path)
-        save(False, old.get("story_key"))
+        job.save(complete=False, story_key=job.old.get("story_key"))
 
-    story_path = out / STORY_VIDEO
+
+def _make_story(job: _Job) -> str:
+    """Write story.mp4 unless it is there and made from the same transitions; its key."""
+    from storycli.motion.video.io import write_mp4
+
+    options, result = job.options, job.result
+    story_path = job.out / STORY_VIDEO
     story_key = _key(
         {
-            "transitions": [r["key"] for r in records],
+            "transitions": [r["key"] for r in job.records],
             "hold": options.hold,
             "assembly": _STORY_ASSEMBLY,
         }
     )
-    if result.generated or not story_path.is_file() or old.get("story_key") != story_key:
+    if result.generated or not story_path.is_file() or job.old.get("story_key") != story_key:
         story_frames = _story_frames(
-            keyframes, result.transitions, fps, options.hold, phase(f"assembling {STORY_VIDEO}")
+            job.keyframes,
+            result.transitions,
+            job.fps,
+            options.hold,
+            job.phase(f"assembling {STORY_VIDEO}"),
         )
         write_mp4(
             story_path,
             story_frames,
-            fps,
+            job.fps,
             options.quality,
-            on_frame=phase(f"encoding {STORY_VIDEO}"),
+            on_frame=job.phase(f"encoding {STORY_VIDEO}"),
         )
         result.generated.append(story_path)
-        if hooks.on_written:
-            hooks.on_written(story_path)
+        if job.hooks.on_written:
+            job.hooks.on_written(story_path)
     result.story = story_path
+    return story_key
 
-    for name in stale:
-        path = out / name
+
+def _remove_stale(job: _Job) -> None:
+    """Delete the transitions of an earlier run that the current keyframes no longer have."""
+    result = job.result
+    for name in job.stale:
+        path = job.out / name
         if path.is_file() and not path.is_symlink():
             path.unlink()
             result.removed.append(path)
     if result.removed:
-        note(
+        job.note(
             f"removed {', '.join(p.name for p in result.removed)}: transition(s) of an earlier "
             "run that the current keyframes no longer have"
         )
-    result.seconds = time.perf_counter() - started
-    save(True, story_key)
-    return result
-
-
-def _write_manifest(
-    out: Path,
-    options: AnimateOptions,
-    decoder: dict[str, Any],
-    fps: int,
-    transitions: list[dict[str, Any]],
-    keyframes: list[Keyframe],
-    complete: bool,
-    story_key: str | None = None,
-    stale: list[str] | None = None,
-) -> None:
-    """animate.json. `transitions` lists the transition files on disk and what each was made
-    from; `stale` the files of an earlier run still to remove (kept across a kill)."""
-    from storycli import __version__
-
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "complete": complete,
-        "storydiff_version": __version__,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "keyframes": str(options.keyframes.resolve()),
-        "keyframe_files": [k.path.name for k in keyframes],
-        "size": list(keyframes[0].image.size),
-        "decoder": decoder,
-        "frames": options.frames,
-        "fps": fps,
-        "hold": options.hold,
-        "quality": options.quality,
-        "seed": options.seed,
-        "fit": options.fit,
-        "transitions": transitions,
-        "stale": stale or [],
-        "story": STORY_VIDEO if complete else None,
-        "story_key": story_key,
-    }
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -98,11 +98,28 @@ def check_model(model: str, configs: Configs, base_dir: Path) -> str | None:
 
 
 def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Loc, str]]:
+    """Every problem the schema cannot see in `story`, as `(location, message)` pairs.
+
+    In a fixed order: its settings (model, VAE, style, scheduler), its frames' tags, its
+    pictures and saved banks, its consistency settings; then, only when nothing else is wrong,
+    whether each character has its references. Relative paths are read from `base_dir`."""
     if story.identity is not None and story.characters is not None:
         # Checking tags against either cast would only add contradictory messages.
         return [(("characters",), "give either `identity` or `characters`, not both")]
-    problems: list[tuple[Loc, str]] = []
+    problems = _check_settings(story, configs, base_dir)
+    problems += _check_tags(story)
+    problems += check_pictures(story, base_dir)
+    problems += check_banks(story, base_dir)
+    problems += _check_consistency(story)
+    # Counting references is meaningful only once every tag and picture is known to be right.
+    if story.uses_csa and story.consistency.mode == "reference" and not problems:
+        problems += _check_references(story)
+    return problems
 
+
+def _check_settings(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Loc, str]]:
+    """The story's model, VAE, style and scheduler."""
+    problems: list[tuple[Loc, str]] = []
     if (problem := check_model(story.model, configs, base_dir)) is not None:
         problems.append((("model",), problem))
     if story.vae is not None and (problem := check_vae(story.vae, base_dir)) is not None:
@@ -131,7 +148,12 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
                 "such as euler, ddim or dpmpp-2m-karras",
             )
         )
+    return problems
 
+
+def _check_tags(story: Story) -> list[tuple[Loc, str]]:
+    """Each frame's tags name known characters, `[NC]` stands alone, and some prompt is left."""
+    problems: list[tuple[Loc, str]] = []
     defined = story.cast
     for i, frame in enumerate(story.frames):
         tags = frame_tags(frame.prompt)
@@ -162,9 +184,12 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
         stripped = TAG_RE.sub("", frame.prompt).strip(" ,")
         if not stripped and not names:
             problems.append((("frames", i, "prompt"), "prompt is empty once tags are removed"))
+    return problems
 
-    problems += check_pictures(story, base_dir)
-    problems += check_banks(story, base_dir)
+
+def _check_consistency(story: Story) -> list[tuple[Loc, str]]:
+    """Consistency settings that contradict each other."""
+    problems: list[tuple[Loc, str]] = []
     if story.consistency.history and not (story.uses_csa and story.consistency.mode == "reference"):
         problems.append(
             (
@@ -177,31 +202,37 @@ def check_story(story: Story, configs: Configs, base_dir: Path) -> list[tuple[Lo
         problems.append(
             (("consistency", "stride"), "must not exceed consistency.window (frames would skip)")
         )
-    if story.uses_csa and story.consistency.mode == "reference" and not problems:
-        singles = single_character_frames(story)
-        shown = {name for frame in story.frames for name in frame_characters(story, frame.prompt)}
-        need = story.consistency.id_length
-        for name in defined:
-            if name in story.banks():
-                continue  # read from its saved bank: it has no references
-            have = len(singles[name])
-            if have < need:
-                where = ("characters", name) if story.characters is not None else ("identity",)
-                if have:
-                    used = f"is shown alone in only {have} frame(s)"
-                elif name in shown:
-                    # Frames with two characters are no references: say why they do not count.
-                    used = "is never shown alone (only together with other characters)"
-                else:
-                    used = "is never shown"
-                problems.append(
-                    (
-                        where,
-                        f"character '{name}' {used}, but consistency.id_length is {need}: "
-                        f"its first {need} solo frames are its references; add solo frames or "
-                        "lower id_length",
-                    )
+    return problems
+
+
+def _check_references(story: Story) -> list[tuple[Loc, str]]:
+    """Reference mode: each character without a saved bank is shown alone in at least
+    `id_length` frames (its first ones are its references)."""
+    problems: list[tuple[Loc, str]] = []
+    singles = single_character_frames(story)
+    shown = {name for frame in story.frames for name in frame_characters(story, frame.prompt)}
+    need = story.consistency.id_length
+    for name in story.cast:
+        if name in story.banks():
+            continue  # read from its saved bank: it has no references
+        have = len(singles[name])
+        if have < need:
+            where = ("characters", name) if story.characters is not None else ("identity",)
+            if have:
+                used = f"is shown alone in only {have} frame(s)"
+            elif name in shown:
+                # Frames with two characters are no references: say why they do not count.
+                used = "is never shown alone (only together with other characters)"
+            else:
+                used = "is never shown"
+            problems.append(
+                (
+                    where,
+                    f"character '{name}' {used}, but consistency.id_length is {need}: "
+                    f"its first {need} solo frames are its references; add solo frames or "
+                    "lower id_length",
                 )
+            )
     return problems
 
 

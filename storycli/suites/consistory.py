@@ -14,7 +14,7 @@ Each set becomes one story per method (`identity` = style + subject, one frame p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,43 +188,19 @@ def run_consistory(
     sets_file: Path = DATA,
 ) -> dict[str, Any]:
     """Run (or resume) the benchmark; the results document (also written to OUT)."""
-    from storycli.evaluate.run_scores import EvaluateOptions, evaluate_run
     from storycli.paths import check_writable_folder
-    from storycli.weights.devices import device_description, resolve_device
 
     hooks = hooks or BenchHooks()
     methods = check_methods(options.methods)
     every = load_sets(sets_file)
     chosen = take(every, options.limit)
     check_writable_folder(options.out, "--out")
-    models = ModelCache()
-    loaded: dict[str, Any] = {}
-
-    def clip_model() -> Any:
-        if "clip" not in loaded:
-            from storycli.evaluate.clip import load_clip
-
-            loaded["clip"] = load_clip(clip, options.device)
-        return loaded["clip"]
-
-    def story_of(method: str, prompt_set: PromptSet) -> str:
-        return story_yaml(set_story(prompt_set, method, options), _header(prompt_set, method))
-
-    def record_of(method: str, prompt_set: PromptSet) -> Path:
-        return options.out / "records" / method / f"{prompt_set.id}.json"
-
+    bench = _Bench(options, clip, hooks, evaluate_hooks, ModelCache())
     # Every model the work needs, before any of it: the scorer now (a CLIP that cannot be
     # loaded would otherwise stop the run after the first set was generated); the generation
     # model loads before the first frame. A rerun with every set done loads neither here.
-    if any(
-        not done_before(
-            story_of(m, s), options, options.out / "runs" / m / s.id, read_json(record_of(m, s))
-        )
-        for m in methods
-        for s in chosen
-    ):
-        clip_model()
-
+    if not all(bench.done_before(m, s) for m in methods for s in chosen):
+        bench.clip_model()
     records: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     count, number = len(methods) * len(chosen), 0
     for method in methods:
@@ -233,53 +209,113 @@ def run_consistory(
             label = f"{method} {prompt_set.id}"
             if hooks.on_item:
                 hooks.on_item(number, count, label)
-            text = story_of(method, prompt_set)
-            story_path = options.out / "stories" / method / f"{prompt_set.id}.yaml"
-            write_if_changed(story_path, text)
-            record_path = record_of(method, prompt_set)
-            previous = read_json(record_path)
-            made = generate(
-                story_path,
-                text,
-                options,
-                options.out / "runs" / method,
-                prompt_set.id,
-                previous,
-                models,
-                hooks,
-            )
-            document = evaluate_run(
-                EvaluateOptions(made.folder, clip=clip, device=options.device, reuse=True),
-                evaluate_hooks,
-                clip=clip_model,
-            )
-            keyframes = document["keyframes"]
-            dreamsim = keyframes["dreamsim"]
-            record = {
-                "schema_version": SCHEMA_VERSION,
-                "set": prompt_set.id,
-                "category": prompt_set.category,
-                "method": method,
-                "story": str(story_path),
-                "run": str(made.folder),
-                "generation": made.record,
-                "kept": made.kept,
-                "frames_generated": made.generated,
-                "evaluation_key": document["key"],
-                "metrics": {
-                    "clip_t": keyframes["clip_t"],
-                    "clip_t_cos": keyframes["clip_t_cos"],
-                    "clip_i": keyframes["clip_i"],
-                    "dreamsim": dreamsim.get("overall") if dreamsim["status"] == "ok" else None,
-                    "dreamsim_status": dreamsim["status"],
-                },
-                "clip": document["clip"]["id"],
-            }
-            write_json(record_path, record)
-            records[method].append(record)
+            records[method].append(_run_set(bench, method, prompt_set))
             if hooks.on_done:
-                hooks.on_done(label, record)
-    clip_info = loaded["clip"].describe() if "clip" in loaded else {"id": clip}
+                hooks.on_done(label, records[method][-1])
+    results = _results_document(bench, every, chosen, methods, records)
+    write_json(options.out / f"{RESULTS}.json", results)
+    atomic_write_text(options.out / f"{RESULTS}.md", consistory_markdown(results))
+    return results
+
+
+@dataclass
+class _Bench:
+    """One `run_consistory` call: its options, and the CLIP scorer loaded once, when needed."""
+
+    options: BenchOptions
+    clip: str
+    hooks: BenchHooks
+    evaluate_hooks: Any
+    models: ModelCache  # one generation pipeline kept across the sets
+    loaded: dict[str, Any] = field(default_factory=dict)  # "clip": the scorer, once loaded
+
+    def clip_model(self) -> Any:
+        if "clip" not in self.loaded:
+            from storycli.evaluate.clip import load_clip
+
+            self.loaded["clip"] = load_clip(self.clip, self.options.device)
+        return self.loaded["clip"]
+
+    def story_of(self, method: str, prompt_set: PromptSet) -> str:
+        return story_yaml(set_story(prompt_set, method, self.options), _header(prompt_set, method))
+
+    def record_of(self, method: str, prompt_set: PromptSet) -> Path:
+        return self.options.out / "records" / method / f"{prompt_set.id}.json"
+
+    def done_before(self, method: str, prompt_set: PromptSet) -> bool:
+        """Whether an earlier run already generated and scored this set under `method`."""
+        return done_before(
+            self.story_of(method, prompt_set),
+            self.options,
+            self.options.out / "runs" / method / prompt_set.id,
+            read_json(self.record_of(method, prompt_set)),
+        )
+
+
+def _run_set(bench: _Bench, method: str, prompt_set: PromptSet) -> dict[str, Any]:
+    """Write one set's story file, generate (or resume) and score it; its record (also
+    written to OUT/records)."""
+    from storycli.evaluate.run_scores import EvaluateOptions, evaluate_run
+
+    options = bench.options
+    text = bench.story_of(method, prompt_set)
+    story_path = options.out / "stories" / method / f"{prompt_set.id}.yaml"
+    write_if_changed(story_path, text)
+    record_path = bench.record_of(method, prompt_set)
+    previous = read_json(record_path)
+    made = generate(
+        story_path,
+        text,
+        options,
+        options.out / "runs" / method,
+        prompt_set.id,
+        previous,
+        bench.models,
+        bench.hooks,
+    )
+    document = evaluate_run(
+        EvaluateOptions(made.folder, clip=bench.clip, device=options.device, reuse=True),
+        bench.evaluate_hooks,
+        clip=bench.clip_model,
+    )
+    keyframes = document["keyframes"]
+    dreamsim = keyframes["dreamsim"]
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "set": prompt_set.id,
+        "category": prompt_set.category,
+        "method": method,
+        "story": str(story_path),
+        "run": str(made.folder),
+        "generation": made.record,
+        "kept": made.kept,
+        "frames_generated": made.generated,
+        "evaluation_key": document["key"],
+        "metrics": {
+            "clip_t": keyframes["clip_t"],
+            "clip_t_cos": keyframes["clip_t_cos"],
+            "clip_i": keyframes["clip_i"],
+            "dreamsim": dreamsim.get("overall") if dreamsim["status"] == "ok" else None,
+            "dreamsim_status": dreamsim["status"],
+        },
+        "clip": document["clip"]["id"],
+    }
+    write_json(record_path, record)
+    return record
+
+
+def _results_document(
+    bench: _Bench,
+    every: list[PromptSet],
+    chosen: list[PromptSet],
+    methods: tuple[str, ...],
+    records: dict[str, list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """The table: each method's row, every set's record, and the published numbers."""
+    from storycli.weights.devices import device_description, resolve_device
+
+    options = bench.options
+    clip_info = bench.loaded["clip"].describe() if "clip" in bench.loaded else {"id": bench.clip}
     results = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "consistory-plus",
@@ -294,6 +330,4 @@ def run_consistory(
         "records": [r for m in methods for r in records[m]],
     }
     results["published"] = PUBLISHED
-    write_json(options.out / f"{RESULTS}.json", results)
-    atomic_write_text(options.out / f"{RESULTS}.md", consistory_markdown(results))
     return results

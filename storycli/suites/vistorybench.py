@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -338,34 +338,16 @@ def run_vistorybench(
 
     hooks = hooks or BenchHooks()
     methods = check_methods(options.methods)
-    if language not in LANGUAGES:
-        raise BenchError(f"--language {language}: choose {' or '.join(LANGUAGES)}")
-    if timestamp is not None and not TIMESTAMP_RE.fullmatch(timestamp):
-        raise BenchError(
-            f"--timestamp {timestamp}: the scorer reads YYYYMMDD-HHMMSS (e.g. 20250429-235959)"
-        )
+    _check_language_and_timestamp(language, timestamp)
     root = dataset_root(dataset)
-    available = story_ids(root)
-    if stories:
-        unknown = [s for s in stories if s not in available]
-        if unknown:
-            raise BenchError(
-                f"--stories: {', '.join(unknown)} not in {root} (it has {len(available)} "
-                f"stories, {available[0]} … {available[-1]})"
-            )
-        chosen = [s for s in available if s in stories]
-    else:
-        chosen = available
-    chosen = take(chosen, options.limit)
+    chosen = take(_chosen_ids(root, stories), options.limit)
     # Every story is read and checked before anything is generated.
     loaded = [load_vistory(root / sid, language) for sid in chosen]
     check_writable_folder(options.out, "--out")
     state = read_json(options.out / STATE) or {}
     stamps: dict[str, str] = dict(state.get("timestamps") or {})
-    models = ModelCache()
     done: dict[str, Any] = dict(state.get("stories") or {})
-    failed: list[str] = []
-    count, number = len(methods) * len(loaded), 0
+    session = _Session(options, language, hooks, ModelCache(), done, len(methods) * len(loaded))
     now = time.strftime("%Y%m%d-%H%M%S")  # one timestamp for every mode this run starts
     for method in methods:
         slot = f"{method}/{language}"
@@ -375,70 +357,133 @@ def run_vistorybench(
         stamps[slot] = stamp
         write_json(options.out / STATE, state | {"timestamps": stamps})
         for story in loaded:
-            number += 1
-            label = f"{method} {language} {story.id}"
-            if hooks.on_item:
-                hooks.on_item(number, count, label)
-            text = story_yaml(
-                vistory_story(story, method, options),
-                f"ViStoryBench story {story.id} ({story.path}), method {method}, language "
-                f"{language}.\nWritten by `storydiff bench vistorybench`; edits are overwritten.",
-            )
-            story_path = options.out / "stories" / method / language / f"{story.id}.yaml"
-            write_if_changed(story_path, text)
-            record_path = options.out / "records" / method / language / f"{story.id}.json"
-            try:
-                made = generate(
-                    story_path,
-                    text,
-                    options,
-                    options.out / "runs" / method / language,
-                    f"vistory-{story.id}",
-                    read_json(record_path),
-                    models,
-                    hooks,
-                )
-            except StoryError as exc:
-                # A story storydiff refuses (e.g. a prompt grammar clash) fails alone; the
-                # others still run, and the command exits 3.
-                failed.append(label)
-                if hooks.on_note:
-                    hooks.on_note(f"{label} failed: {exc.lines()[0]}")
-                continue
-            shots = output_folder(options.out, method, language, stamp, story.id)
-            manifest = read_json(made.folder / "manifest.json") or {}
-            files = [f["file"] for f in manifest.get("frames", [])]
-            if len(files) != len(story.shots):  # (a damaged run folder)
-                failed.append(label)
-                if hooks.on_note:
-                    hooks.on_note(
-                        f"{label} failed: {made.folder} has {len(files)} frames for "
-                        f"{len(story.shots)} shots; remove it to render the story again"
-                    )
-                continue
-            # Named by the shot's index; an earlier layout's files (by position from 00.png)
-            # are replaced from the run folder, nothing is rendered again.
-            names = {shot_file(shot.index) for shot in story.shots}
-            written = sum(
-                _copy_if_changed(made.folder / name, shots / shot_file(shot.index))
-                for shot, name in zip(story.shots, files, strict=True)
-            ) + _remove_stray_shots(shots, names)
-            record = {
-                "schema_version": SCHEMA_VERSION,
-                "story": story.id,
-                "method": method,
-                "language": language,
-                "story_file": str(story_path),
-                "run": str(made.folder),
-                "shots": str(shots),
-                "shot_count": len(files),
-                "generation": made.record,
-                "kept": made.kept and not written,
-            }
-            write_json(record_path, record)
-            done[f"{slot}/{story.id}"] = {"shots": str(shots), "count": len(files)}
-            if hooks.on_done:
-                hooks.on_done(label, record)
+            _render_story(session, method, stamp, story)
+    state = _state_document(session, root, methods, stamps)
+    write_json(options.out / STATE, state)
+    return state
+
+
+def _check_language_and_timestamp(language: str, timestamp: str | None) -> None:
+    """Refuse a language the dataset lacks and a timestamp the scorer would not find."""
+    if language not in LANGUAGES:
+        raise BenchError(f"--language {language}: choose {' or '.join(LANGUAGES)}")
+    if timestamp is not None and not TIMESTAMP_RE.fullmatch(timestamp):
+        raise BenchError(
+            f"--timestamp {timestamp}: the scorer reads YYYYMMDD-HHMMSS (e.g. 20250429-235959)"
+        )
+
+
+def _chosen_ids(root: Path, stories: list[str] | None) -> list[str]:
+    """The dataset's story ids that `--stories` names (all of them without it), in its order."""
+    available = story_ids(root)
+    if not stories:
+        return available
+    unknown = [s for s in stories if s not in available]
+    if unknown:
+        raise BenchError(
+            f"--stories: {', '.join(unknown)} not in {root} (it has {len(available)} "
+            f"stories, {available[0]} … {available[-1]})"
+        )
+    return [s for s in available if s in stories]
+
+
+@dataclass
+class _Session:
+    """One `run_vistorybench` call's progress, as its stories add to it."""
+
+    options: BenchOptions
+    language: str
+    hooks: BenchHooks
+    models: ModelCache  # one pipeline kept across the stories
+    done: dict[str, Any]  # "<method>/<lang>/<story>" → its shots (kept from earlier runs)
+    count: int  # stories × methods
+    number: int = 0  # of the story being rendered
+    failed: list[str] = field(default_factory=list)
+
+    def fail(self, label: str, why: str) -> None:
+        """A story that fails alone: the others still run, and the command exits 3."""
+        self.failed.append(label)
+        if self.hooks.on_note:
+            self.hooks.on_note(f"{label} failed: {why}")
+
+
+def _render_story(session: _Session, method: str, stamp: str, story: ViStory) -> None:
+    """Write one story's file, generate (or resume) it, lay its frames out for the scorer
+    under `stamp` and write its record."""
+    options, language, hooks = session.options, session.language, session.hooks
+    session.number += 1
+    label = f"{method} {language} {story.id}"
+    if hooks.on_item:
+        hooks.on_item(session.number, session.count, label)
+    text = story_yaml(
+        vistory_story(story, method, options),
+        f"ViStoryBench story {story.id} ({story.path}), method {method}, language "
+        f"{language}.\nWritten by `storydiff bench vistorybench`; edits are overwritten.",
+    )
+    story_path = options.out / "stories" / method / language / f"{story.id}.yaml"
+    write_if_changed(story_path, text)
+    record_path = options.out / "records" / method / language / f"{story.id}.json"
+    try:
+        made = generate(
+            story_path,
+            text,
+            options,
+            options.out / "runs" / method / language,
+            f"vistory-{story.id}",
+            read_json(record_path),
+            session.models,
+            hooks,
+        )
+    except StoryError as exc:
+        # A story storydiff refuses (e.g. a prompt grammar clash) fails alone.
+        session.fail(label, exc.lines()[0])
+        return
+    shots = output_folder(options.out, method, language, stamp, story.id)
+    manifest = read_json(made.folder / "manifest.json") or {}
+    files = [f["file"] for f in manifest.get("frames", [])]
+    if len(files) != len(story.shots):  # (a damaged run folder)
+        session.fail(
+            label,
+            f"{made.folder} has {len(files)} frames for {len(story.shots)} shots; remove it to "
+            "render the story again",
+        )
+        return
+    written = _lay_out_shots(story, made.folder, files, shots)
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "story": story.id,
+        "method": method,
+        "language": language,
+        "story_file": str(story_path),
+        "run": str(made.folder),
+        "shots": str(shots),
+        "shot_count": len(files),
+        "generation": made.record,
+        "kept": made.kept and not written,
+    }
+    write_json(record_path, record)
+    session.done[f"{method}/{language}/{story.id}"] = {"shots": str(shots), "count": len(files)}
+    if hooks.on_done:
+        hooks.on_done(label, record)
+
+
+def _lay_out_shots(story: ViStory, run: Path, files: list[str], shots: Path) -> int:
+    """Copy a run's frames into the scorer's `shots` folder, named by the shot's index; an
+    earlier layout's files (by position from 00.png) are replaced from the run folder, nothing
+    is rendered again. How many files were written or removed."""
+    names = {shot_file(shot.index) for shot in story.shots}
+    return sum(
+        _copy_if_changed(run / name, shots / shot_file(shot.index))
+        for shot, name in zip(story.shots, files, strict=True)
+    ) + _remove_stray_shots(shots, names)
+
+
+def _state_document(
+    session: _Session, root: Path, methods: tuple[str, ...], stamps: dict[str, str]
+) -> dict[str, Any]:
+    """What OUT/vistorybench.json records: where the outputs are, what failed, and the
+    scorer's command line per mode."""
+    options, language = session.options, session.language
     outputs = (options.out / "outputs").resolve()  # printed for use from another folder
     root = root.resolve()
     # The scorer reads `<--dataset_path>/ViStory`: a dataset folder of another name (the hub
@@ -448,7 +493,7 @@ def run_vistorybench(
         if root.name == "ViStory"
         else f"the scorer reads {root.parent / 'ViStory'}: rename {root} to that first"
     )
-    state = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "vistorybench",
         "storydiff_version": __version__,
@@ -459,8 +504,8 @@ def run_vistorybench(
         "outputs": str(outputs),
         "method": METHOD_DIR,
         "timestamps": stamps,
-        "stories": done,
-        "failed": failed,
+        "stories": session.done,
+        "failed": session.failed,
         "note": rename,
         "score_with": [
             f"python bench_run.py --dataset_path {root.parent} --outputs_path {outputs} "
@@ -469,5 +514,3 @@ def run_vistorybench(
             for m in methods
         ],
     }
-    write_json(options.out / STATE, state)
-    return state

@@ -31,6 +31,7 @@ __all__ = [
     "TINY_VAE_SCALE_FACTOR",
     "build_tiny_sdxl_pipeline",
     "build_tokenizer",
+    "sdxl_euler_scheduler",
 ]
 
 #: Seed used (inside a forked RNG) for the tiny models' random weights.
@@ -216,65 +217,17 @@ def build_tiny_sdxl_pipeline(
     Returns:
         The assembled pipeline (on CPU).
     """
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLPipeline
 
     tokenizer = build_tokenizer()
     tokenizer_2 = build_tokenizer(pad_token="!")
-
+    # One forked RNG, the models drawn in this order: the order is part of the weights.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(16, 32, 64),
-            layers_per_block=1,
-            norm_num_groups=8,
-            transformer_layers_per_block=(1, 1, 2),
-            attention_head_dim=(2, 4, 8),
-            use_linear_projection=True,
-            cross_attention_dim=2 * _TE_HIDDEN,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=_TIME_EMBED_DIM,
-            projection_class_embeddings_input_dim=6 * _TIME_EMBED_DIM + _TE_PROJECTION,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=64,
-            scaling_factor=0.13025,
-            force_upcast=False,
-        )
-        text_encoder = CLIPTextModel(_text_encoder_config(tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(tokenizer_2))
-
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-
+        unet = _tiny_unet()
+        vae = _tiny_vae()
+        text_encoder, text_encoder_2 = _tiny_text_encoders(tokenizer, tokenizer_2)
+    scheduler = sdxl_euler_scheduler()
     for module in (unet, vae, text_encoder, text_encoder_2):
         # Plain nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even when
         # (as here) no module needs to stay in float32.
@@ -291,4 +244,74 @@ def build_tiny_sdxl_pipeline(
         scheduler=scheduler,
         image_encoder=None,
         feature_extractor=None,
+    )
+
+
+def _tiny_unet() -> diffusers.UNet2DConditionModel:
+    """SDXL's UNet structure at tiny width (weights from the caller's RNG)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=2 * _TE_HIDDEN,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * _TIME_EMBED_DIM + _TE_PROJECTION,
+    )
+
+
+def _tiny_vae() -> diffusers.AutoencoderKL:
+    """A two-block VAE (scale factor 2; weights from the caller's RNG)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=False,
+    )
+
+
+def _tiny_text_encoders(
+    tokenizer: transformers.CLIPTokenizer, tokenizer_2: transformers.CLIPTokenizer
+) -> tuple[transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection]:
+    """SDXL's two text encoders, the second with a projection (first one drawn first)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    text_encoder = CLIPTextModel(_text_encoder_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(tokenizer_2))
+    return text_encoder, text_encoder_2
+
+
+def sdxl_euler_scheduler() -> diffusers.EulerDiscreteScheduler:
+    """``EulerDiscreteScheduler`` with SDXL's config (no weights, no RNG)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        steps_offset=1,
+        timestep_spacing="leading",
     )

@@ -22,7 +22,7 @@ from cli_runs import run_cli
 from PIL import Image
 
 import storycli.keyframes.models
-import storycli.motion.decoders
+import storycli.motion.decoders.registry
 from storycli.batch.inputs import InputError, expand_keyframe_folders, expand_stories
 from storycli.batch.runner import BatchItem, batch_exit_code
 from storycli.batch.shard import Shard, ShardError, assign, parse_shard, shard_from_env
@@ -339,13 +339,13 @@ def test_animate_a_folder_of_runs_loads_the_decoder_once(
     (out / "zeta").mkdir()
     (out / "zeta" / "manifest.json").write_text("not json")  # a broken run folder
     loads = []
-    real = storycli.motion.decoders.load_decoder
+    real = storycli.motion.decoders.registry.load_decoder
 
     def counted(name: str, *args: Any, **kwargs: Any) -> Any:
         loads.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(storycli.motion.decoders, "load_decoder", counted)
+    monkeypatch.setattr(storycli.motion.decoders.registry, "load_decoder", counted)
     result = run_cli("animate", out, "--frames", "3", "--json", code=EXIT_SOME_FAILED)
     records = json_lines(result.stdout)
     assert [(Path(r["input"]).name, r["status"]) for r in records] == [

@@ -10,14 +10,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from per_call_schedule import generate_keyframes_per_call
 
-from storycli.consistency.csa import (
-    BankSettings,
-    ConsistentSelfAttnProcessor,
-    CSASettings,
-    CSAState,
-    csa_layers,
-    installed_csa,
-)
+from storycli.consistency.csa import ConsistentSelfAttnProcessor
+from storycli.consistency.csa_state import BankSettings, CSASettings, CSAState
+from storycli.keyframes.backbones.sdxl import csa_layers, installed_csa
 from storycli.keyframes.loop import generate_keyframes
 from storycli.keyframes.models import set_scheduler
 from storycli.keyframes.plan import build_plan
@@ -417,7 +412,7 @@ def test_temporal_sampling_draws_from_earlier_frames_with_a_bias():
 
 
 def test_temporal_counts_cap_at_available_tokens():
-    from storycli.consistency.csa import temporal_counts
+    from storycli.consistency.csa_state import temporal_counts
 
     counts = temporal_counts(n=4, total=10, tokens=4, decay=0.5)
     assert counts.sum(dim=1).tolist() == [10, 4, 8, 10]  # image 1 has one source of 4 tokens
@@ -488,7 +483,7 @@ def test_window_starts_cover_every_frame():
 
 
 def test_window_at_least_story_length_equals_joint_csa(pipe):
-    from storycli.consistency.csa import windowed_unet
+    from storycli.keyframes.backbones.sdxl import windowed_unet
 
     unet = pipe.unet
     n = 4
@@ -505,7 +500,7 @@ def test_window_at_least_story_length_equals_joint_csa(pipe):
 
 
 def test_window_frames_only_see_their_windows(pipe):
-    from storycli.consistency.csa import windowed_unet
+    from storycli.keyframes.backbones.sdxl import windowed_unet
 
     unet = pipe.unet
     frames = 5
@@ -746,7 +741,7 @@ def test_initial_noise_modes(pipe, tmp_path, noise):
     `per-frame`: frame i from seed + i."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from storycli.keyframes.loop import initial_noise
+    from storycli.keyframes.backbones.sdxl import initial_noise
 
     path = tmp_path / "story.yaml"
     path.write_text(STORY)

@@ -388,7 +388,7 @@ def test_hub_revision_of_any_cached_file(hub_cache: Path, tiny_folder: Path) -> 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument")  # the CLI hides it
 def test_latent_slerp_records_the_vae_snapshot_revision(hub_cache: Path, tiny_folder: Path) -> None:
-    from storycli.motion.decoders import load_decoder
+    from storycli.motion.decoders.registry import load_decoder
 
     hub_repo(hub_cache, "tiny-org/tiny-vae", tiny_folder / "vae")
     decoder = load_decoder("latent-slerp", "tiny-org/tiny-vae", device="cpu")
@@ -522,7 +522,7 @@ def answering_hub(hub_offline: None, monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 
 def _load(name: str) -> Any:
-    from storycli.motion.decoders import load_decoder
+    from storycli.motion.decoders.registry import load_decoder
     from storycli.weights.image_encoder import load_image_encoder
 
     if name == "encoder":
@@ -572,7 +572,7 @@ def test_hub_that_answers_not_found_is_reported_at_once(
 ) -> None:
     from diffusers import AutoencoderKL  # noqa: F401  (imported before the clock starts)
 
-    from storycli.motion.decoders import load_decoder
+    from storycli.motion.decoders.registry import load_decoder
 
     started = time.monotonic()
     with pytest.raises(ModelUnavailable) as info:
@@ -653,7 +653,7 @@ SEQUENTIAL_ON_CPU = (
 
 @pytest.mark.parametrize("what", ["generate", "animatediff"])
 def test_sequential_offload_on_cpu_is_refused_before_loading(hub_offline: None, what: str) -> None:
-    from storycli.motion.decoders import load_decoder
+    from storycli.motion.decoders.registry import load_decoder
 
     # Uncached models: refused before any weights are looked for.
     with pytest.raises(InvalidOption) as info:

@@ -19,7 +19,7 @@ from cli_runs import run_cli
 from PIL import Image
 
 import storycli.keyframes.models
-from storycli.keyframes.loop import decode_latents, encode_pictures, vae_upcast
+from storycli.keyframes.backbones.sdxl import decode_latents, encode_pictures, vae_upcast
 from storycli.keyframes.schedule import RenderSize
 from storycli.render import read_png_metadata
 

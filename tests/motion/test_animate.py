@@ -616,7 +616,7 @@ def test_rerun_removes_only_its_own_temp_files(drawings: Path, tmp_path: Path) -
     args = [drawings, "--frames", "2", "-o", out]
     run_cli(*args)
     ours = [
-        _reserve_temp(out / "transition_01_02.mp4"),  # video.py's pattern
+        _reserve_temp(out / "transition_01_02.mp4"),  # motion/video/io.py's pattern
         _reserve_temp(out / "story.mp4"),
     ]
     fd, manifest_temp = _open_temp(out / "animate.json")  # atomic.py's pattern

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from storycli.motion.decoders import load_decoder
 from storycli.motion.decoders.base import TransitionRequest
 from storycli.motion.decoders.crossfade import blend
+from storycli.motion.decoders.registry import load_decoder
 from storycli.motion.predictor.model import (
     MotionPredictor,
     PredictorConfig,

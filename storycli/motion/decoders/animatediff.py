@@ -1,9 +1,12 @@
 """AnimateDiff + SparseCtrl (RGB) + IP-Adapter: transitions driven by per-frame CLIP embeddings.
 
-The stack (spec §1.1, §3(b) item 2): an SD1.5 base turned into a video UNet by the AnimateDiff
-motion adapter; SparseCtrl RGB anchors the start and end keyframes at frames 0 and L-1; every
-frame's spatial cross-attention sees its own text tokens (a lerp between the two keyframes'
-prompts) and, through IP-Adapter's decoupled attention, its own image tokens made from P_i.
+The stack follows StoryDiffusion's video stage (arXiv 2405.01434, §3.2: the Semantic Motion
+Predictor's per-frame image embeddings P_1..P_L condition a video diffusion model, each frame its
+own): an SD1.5 base turned into a video UNet by the AnimateDiff motion adapter (arXiv
+2307.04725); SparseCtrl RGB (arXiv 2311.16933) anchors the start and end keyframes at frames 0 and
+L-1; every frame's spatial cross-attention sees its own text tokens (a lerp between the two
+keyframes' prompts) and, through IP-Adapter's decoupled attention (arXiv 2308.06721), its own
+image tokens made from P_i.
 
 `--model` is a preset of configs/video_models.yaml, or an SD1.5 base (hub id or local diffusers
 folder) combined with the default preset's other components; `tiny` builds a random stack.
@@ -527,9 +530,10 @@ class AnimateDiffDecoder:
         extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
         scheduler.set_timesteps(self.steps, device=device)
         timesteps = scheduler.timesteps
-        # The injection point of spec §1.1: with `encoder_hid_proj` in place, UNetMotionModel
-        # would project one embedding per video and repeat it over frames. Detach it, project
-        # P_i ourselves, and hand the UNet `(text, [ip_tokens])` with one row per frame.
+        # Where the predicted embeddings enter (StoryDiffusion §3.2: frame i is conditioned on
+        # its own P_i): with `encoder_hid_proj` in place, UNetMotionModel would project one
+        # image embedding per video and repeat it over frames. Detach it, project P_i
+        # ourselves, and hand the UNet `(text, [ip_tokens])` with one row per frame.
         projection = unet.encoder_hid_proj
         unet.encoder_hid_proj = None
         try:

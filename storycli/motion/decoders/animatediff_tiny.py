@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from storycli.consistency.ip_adapter import ip_adapter_state_dict
 from storycli.weights.image_encoder import build_tiny_image_encoder
 from storycli.weights.tiny import TINY_SEED, build_tokenizer
 
@@ -40,7 +41,6 @@ _CHANNELS = (32, 64)  # UNet / adapter / SparseCtrl widths, one per level
 _TEXT_DIM = 32  # text hidden size = the UNet's cross_attention_dim
 _HEADS = 4
 _GROUPS = 8
-_IP_TOKENS = 4  # ip-adapter_sd15 turns one image embedding into 4 tokens
 _WAKE_STD = 0.05  # std for the layers ControlNets zero-initialise (see _wake_zero_layers)
 
 
@@ -182,35 +182,6 @@ def _wake_zero_layers(controlnet: torch.nn.Module) -> None:
     for name in ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block"):
         for param in getattr(controlnet, name).parameters():
             torch.nn.init.normal_(param, std=_WAKE_STD)
-
-
-def ip_adapter_state_dict(unet: Any, image_dim: int) -> dict[str, dict[str, torch.Tensor]]:
-    """A random IP-Adapter in the `ip-adapter_sd15` file layout, for `load_ip_adapter`.
-
-    `image_proj.proj` maps one image embedding to 4 tokens; `ip_adapter.{k}.to_{k,v}_ip` are
-    the decoupled key/value projections of the k-th cross-attention (k = 1, 3, 5, ...: the
-    original numbering counts self-attention layers too), in the UNet's processor order.
-    """
-    from diffusers.models.embeddings import ImageProjection
-
-    cross_dim = unet.config.cross_attention_dim
-    proj = ImageProjection(
-        image_embed_dim=image_dim, cross_attention_dim=cross_dim, num_image_text_embeds=_IP_TOKENS
-    )
-    image_proj = {k.replace("image_embeds", "proj"): v for k, v in proj.state_dict().items()}
-    ip_layers: dict[str, torch.Tensor] = {}
-    names = [
-        name
-        for name in unet.attn_processors
-        if not name.endswith("attn1.processor") and "motion_modules" not in name
-    ]
-    for index, name in enumerate(names):
-        attn = unet.get_submodule(name.removesuffix(".processor"))
-        hidden = attn.to_k.out_features
-        for kind in ("to_k_ip", "to_v_ip"):
-            layer = torch.nn.Linear(cross_dim, hidden, bias=False)
-            ip_layers[f"{2 * index + 1}.{kind}.weight"] = layer.weight.detach().clone()
-    return {"image_proj": image_proj, "ip_adapter": ip_layers}
 
 
 def build_tiny_animatediff_stack(

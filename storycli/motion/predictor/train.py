@@ -1,6 +1,8 @@
 """Training the Semantic Motion Predictor on a folder of videos (stage A: embedding-space MSE).
 
-The recipe (spec §3(d)): videos are encoded once into a cache of per-frame CLIP embeddings; each
+The recipe follows StoryDiffusion's Semantic Motion Predictor (arXiv 2405.01434, §3.2): from the
+image embeddings of a clip's first and last frame, predict those of the frames between them, trained
+on clips of real videos. Videos are encoded once into a cache of per-frame CLIP embeddings; each
 step draws a batch of clips (K_s, K*_1..K*_L, K_e) from the training videos and fits the interior
 frames with MSE(P/σ, K*/σ) + 0.5·(1 − cos(P, K*)); AdamW, linear warm-up then cosine decay,
 gradient clipping, an EMA of the weights (evaluated and saved). Validation clips come from
@@ -10,32 +12,24 @@ Every step's randomness is derived from (seed, step) — the clip sampler's gene
 dropout seed — so a run that is interrupted and resumed from a checkpoint retraces the
 uninterrupted run exactly. Rerunning with the same options continues an unfinished run, as
 `generate` continues a story; leftovers of killed writes in OUT are removed on the next start.
-Nothing is printed: progress goes through `TrainHooks`.
+Nothing is printed: progress goes through `TrainHooks`. The options and their checks are in
+options.py, the run folder (OUT, checkpoints, run.json, metrics.json) in run_folder.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import json
 import math
-import os
-import re
-import secrets
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from storycli.atomic import atomic_write_bytes, atomic_write_text, remove_temp_files
-from storycli.errors import InvalidInput
-from storycli.locks import folder_lock
 from storycli.motion.predictor.dataset import (
     ClipBatch,
     ClipSampler,
@@ -58,84 +52,47 @@ from storycli.motion.predictor.model import (
     save_predictor,
     slerp_embeddings,
 )
+from storycli.motion.predictor.options import (
+    TrainError,
+    TrainHooks,
+    TrainOptions,
+    clip_settings,
+    note_warmup,
+    predictor_config,
+    validate_options,
+)
+from storycli.motion.predictor.run_folder import (
+    METRICS_NAME,
+    checkpoint_steps,
+    claim_out,
+    clear_run,
+    fingerprint,
+    prepare_out,
+    read_metrics,
+    save_checkpoint,
+    write_metrics,
+    write_run_info,
+)
 from storycli.paths import check_writable_folder
 from storycli.seeds import derive_seed
 from storycli.weights.devices import resolve_device
 from storycli.weights.image_encoder import load_image_encoder
 
-METRICS_NAME = "metrics.json"
-RUN_NAME = "run.json"
-STATE_NAME = "state.pt"
-CHECKPOINTS = "checkpoints"
+__all__ = [
+    "TrainError",
+    "TrainHooks",
+    "TrainOptions",
+    "TrainResult",
+    "baseline_metrics",
+    "checkpoint_steps",
+    "clip_settings",
+    "evaluate",
+    "predictor_config",
+    "predictor_loss",
+    "train_predictor",
+]
+
 SCHEMA_VERSION = 1  # of the `--json` summary (TrainResult.summary)
-# What this module writes into OUT; run.json last, so a half-cleared folder is still recognised.
-_OUT_NAMES = (METRICS_NAME, CHECKPOINTS, "predictor.safetensors", "predictor.json", RUN_NAME)
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
-_OLD_TEMP_STEP = re.compile(r"^\.tmp-step_\d{6,}-[0-9a-f]{8}$")  # temp folders of earlier versions
-# What a checkpoint's data and model depend on: resuming with other values is an error.
-_FINGERPRINT = ("encoder", "frames", "fps", "short_side")
-# Options that do not make a different run: the rest must match to continue one unasked.
-_NOT_THE_RUN = ("resume", "overwrite")
-
-
-class TrainError(InvalidInput):
-    """A training run that cannot start or continue (output folder, resume mismatch, data)."""
-
-
-@dataclass
-class TrainOptions:
-    data: Path
-    out: Path
-    encoder: str = "openclip-vit-h"
-    frames: int = 16
-    fps: float = 8.0
-    short_side: int | None = 224
-    max_steps: int = 2000
-    batch_size: int = 64
-    lr: float = 1e-4
-    warmup_steps: int = 200
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    eval_every: int = 100
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    val_fraction: float = 0.1
-    val_clips: int = 256
-    seed: int = 0
-    # Continue from the last checkpoint, also with changed options (without it, an unfinished
-    # run of the very same options is continued all the same).
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    cache_dir: Path | None = None
-    # Predictor size; None = PredictorConfig defaults (PredictorConfig.tiny for encoder "tiny").
-    width: int | None = None
-    layers: int | None = None
-    heads: int | None = None
-    dropout: float | None = None
-    # Clip sampling (spec §3(d)).
-    min_clip_seconds: float = 1.0
-    max_clip_seconds: float = 4.0
-    min_video_seconds: float = 2.0
-    # None = 0.75 / 0.97, except for "tiny": its random tower maps every image to almost the
-    # same direction (cos ≈ 0.99), so those thresholds would reject every clip; no checks there.
-    cut_cos: float | None = None
-    static_cos: float | None = None
-
-
-@dataclass
-class TrainHooks:
-    """Optional progress callbacks (the CLI draws Rich bars with them)."""
-
-    on_encode: Callable[[int, int, str], None] | None = None  # (done, total, source name)
-    on_step: Callable[[int, int, float], None] | None = None  # (step, max_steps, loss)
-    on_eval: Callable[[dict[str, Any]], None] | None = None  # one metrics record
-    on_note: Callable[[str], None] | None = None  # one-line remarks (resume, skips, ...)
-
-    def note(self, message: str) -> None:
-        if self.on_note is not None:
-            self.on_note(message)
 
 
 @dataclass
@@ -274,272 +231,6 @@ def evaluate(
 # --------------------------------------------------------------------------------------------
 
 
-def _run_files(out: Path) -> list[Path]:
-    return [out / n for n in _OUT_NAMES if (out / n).exists()]
-
-
-def _discard(path: Path) -> None:
-    """Delete a file or folder by first renaming it to a temp name: a kill halfway leaves a
-    leftover `_remove_leftovers` knows, never a half-deleted checkpoint that looks whole."""
-    doomed = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    os.replace(path, doomed)
-    if doomed.is_dir():
-        shutil.rmtree(doomed, ignore_errors=True)
-    else:
-        doomed.unlink(missing_ok=True)
-
-
-def _clear_run(out: Path) -> None:
-    """Delete the files of an earlier run (only those this module writes)."""
-    for path in _run_files(out):
-        _discard(path)
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Remove what killed runs leave in OUT: atomic-write temp files, temp and discarded
-    checkpoint folders. Only names this module writes; the caller holds OUT's lock."""
-    remove_temp_files(out, lambda name: name in _OUT_NAMES)
-    root = out / CHECKPOINTS
-    if root.is_dir():
-        remove_temp_files(root, lambda name: _STEP_DIR.match(name) is not None)
-        for path in root.iterdir():
-            if _OLD_TEMP_STEP.match(path.name) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def checkpoint_steps(out: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of the complete checkpoints in OUT, oldest first."""
-    root = Path(out) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / STATE_NAME).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def _save_checkpoint(out: Path, step: int, state: dict, ema: MotionPredictor, keep: int) -> Path:
-    """Write into a temp folder, then rename: a checkpoint folder is always complete."""
-    root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".{final.name}.{secrets.token_hex(6)}.tmp"  # as atomic.py names temp files
-    tmp.mkdir()
-    try:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(tmp / STATE_NAME, buffer.getvalue())
-        save_predictor(ema, tmp)
-        if final.exists():  # left by an earlier attempt that was resumed from before it
-            _discard(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in checkpoint_steps(out)[:-keep]:
-        with contextlib.suppress(OSError):  # pruning is housekeeping: never fail the run
-            _discard(old)
-    return final
-
-
-def _load_latest_state(out: Path, hooks: TrainHooks) -> tuple[dict, Path] | None:
-    """The newest checkpoint that loads; a broken one is reported and the one before used."""
-    for step, path in reversed(checkpoint_steps(out)):
-        try:
-            state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError) as exc:
-            hooks.note(f"checkpoint {path.name} is unreadable ({exc}); trying an older one")
-            continue
-        if state.get("step") == step:
-            return state, path
-    return None
-
-
-def _read_run_info(out: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((out / RUN_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_metrics(out: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads((out / METRICS_NAME).read_text())
-    except (OSError, ValueError):
-        return []
-    return data if isinstance(data, list) else []
-
-
-def _write_metrics(out: Path, records: list[dict[str, Any]]) -> None:
-    atomic_write_text(out / METRICS_NAME, json.dumps(records, indent=1) + "\n")
-
-
-def _fingerprint(options: TrainOptions) -> dict[str, Any]:
-    return {name: getattr(options, name) for name in _FINGERPRINT}
-
-
-def _check_fingerprint(saved: dict[str, Any], options: TrainOptions, path: Path) -> None:
-    current = _fingerprint(options)
-    diff = [
-        f"{k} {saved.get(k)!r} -> {current[k]!r}"
-        for k in _FINGERPRINT
-        if saved.get(k) != current[k]
-    ]
-    if diff:
-        raise TrainError(
-            f"{path}: cannot resume with different settings ({'; '.join(diff)}); use the "
-            "checkpoint's settings or a new output folder"
-        )
-
-
-def _options_json(options: TrainOptions) -> dict[str, Any]:
-    return {f.name: _plain(getattr(options, f.name)) for f in fields(options)}
-
-
-def _plain(value: Any) -> Any:
-    return str(value) if isinstance(value, Path) else value
-
-
-# --------------------------------------------------------------------------------------------
-# Setup
-# --------------------------------------------------------------------------------------------
-
-
-def _validate(options: TrainOptions) -> None:
-    positive = ("frames", "max_steps", "batch_size", "eval_every", "checkpoint_every", "val_clips")
-    for name in positive:
-        if getattr(options, name) < 1:
-            raise TrainError(f"{name} must be at least 1, not {getattr(options, name)}")
-    if options.frames < 3:
-        raise TrainError("frames must be at least 3 (a clip needs an interior frame)")
-    if options.keep_checkpoints < 1:
-        raise TrainError("keep_checkpoints must be at least 1")
-    if not 0 < options.val_fraction < 1:
-        raise TrainError(f"val_fraction must be between 0 and 1, not {options.val_fraction}")
-    if options.resume and options.overwrite:
-        raise TrainError("choose either resume or overwrite, not both")
-    try:
-        clip_settings(options)
-    except ValueError as exc:
-        raise TrainError(f"clip sampling: {exc}") from exc
-    size = predictor_config(options, dim=1, scale=1.0, encoder=None)
-    if size.width % size.heads:
-        raise TrainError(f"width {size.width} is not divisible by heads {size.heads}")
-
-
-def clip_settings(options: TrainOptions) -> ClipSettings:
-    tiny = options.encoder == "tiny"
-    cut = options.cut_cos if options.cut_cos is not None else (-1.0 if tiny else 0.75)
-    static = options.static_cos if options.static_cos is not None else (1.0 if tiny else 0.97)
-    return ClipSettings(
-        frames=options.frames,
-        fps=options.fps,
-        min_seconds=options.min_clip_seconds,
-        max_seconds=options.max_clip_seconds,
-        cut_cos=cut,
-        static_cos=static,
-    )
-
-
-def predictor_config(
-    options: TrainOptions, dim: int, scale: float, encoder: Any
-) -> PredictorConfig:
-    """The predictor's config: size from the options, σ and encoder identity from the data."""
-    size = {
-        k: getattr(options, k)
-        for k in ("width", "layers", "heads", "dropout")
-        if getattr(options, k) is not None
-    }
-    extra = {
-        "frames": options.frames,
-        "scale": scale,
-        "encoder": encoder.name if encoder is not None else "",
-        "preprocess_id": encoder.preprocess_id if encoder is not None else "",
-        **size,
-    }
-    if options.encoder == "tiny":
-        return PredictorConfig.tiny(dim, **extra)
-    return PredictorConfig(dim=dim, **extra)
-
-
-def _check_size(config: PredictorConfig, options: TrainOptions, path: Path) -> None:
-    """A predictor size given on resume must be the checkpoint's (None: take it from there)."""
-    names = ("width", "layers", "heads", "dropout")
-    diff = [
-        f"{k} {getattr(config, k)!r} -> {getattr(options, k)!r}"
-        for k in names
-        if getattr(options, k) is not None and getattr(options, k) != getattr(config, k)
-    ]
-    if diff:
-        raise TrainError(
-            f"{path}: cannot resume with a different predictor size ({'; '.join(diff)}); "
-            "leave the size options out or use a new output folder"
-        )
-
-
-def _check_same_unfinished_run(out: Path, existing: list[Path], options: TrainOptions) -> None:
-    """Without --resume/--overwrite, OUT may only hold an unfinished run of these same options.
-
-    That run is continued, as `generate` continues a story: rerunning the command that was
-    interrupted is how a user resumes. Anything else could be another experiment: refused.
-    """
-    info = _read_run_info(out)
-    status = info.get("status")
-    if status != "running":
-        what = "a finished training run" if status == "finished" else "a training run"
-        further = " and a higher --max-steps" if status == "finished" else ""
-        raise TrainError(
-            f"{out} already holds {what} ({', '.join(p.name for p in existing)}); continue it "
-            f"with --resume{further}, start over with --overwrite, or pick another folder"
-        )
-    saved = info.get("options") if isinstance(info.get("options"), dict) else {}
-    current = _options_json(options)
-    diff = [
-        f"{k} {saved.get(k)!r} -> {v!r}"
-        for k, v in current.items()
-        if k not in _NOT_THE_RUN and saved.get(k) != v
-    ]
-    if diff:
-        raise TrainError(
-            f"{out} already holds an unfinished training run with other settings "
-            f"({'; '.join(diff)}); continue it with --resume, start over with --overwrite, or "
-            "pick another folder"
-        )
-
-
-def _prepare_out(options: TrainOptions, hooks: TrainHooks) -> tuple[dict, Path] | None:
-    """Check OUT against resume/overwrite; the checkpoint state to resume from, if any.
-
-    Nothing is deleted here: an earlier run is cleared only once the data has loaded.
-    """
-    out = options.out
-    existing = _run_files(out)
-    resume = options.resume
-    if existing and not (options.resume or options.overwrite):
-        _check_same_unfinished_run(out, existing, options)
-        resume = True
-        hooks.note(f"{out} holds an unfinished run with these settings: continuing it")
-    if options.overwrite:
-        return None
-    loaded = _load_latest_state(out, hooks) if resume else None
-    if loaded is None:
-        if resume and existing:
-            hooks.note(f"no usable checkpoint in {out}: starting a new run")
-        return None
-    state, path = loaded
-    _check_fingerprint(state.get("fingerprint", {}), options, path)
-    _check_size(PredictorConfig.from_dict(state["config"]), options, path)
-    if state["step"] > options.max_steps:
-        raise TrainError(
-            f"{path}: the checkpoint is at step {state['step']}, past max_steps "
-            f"{options.max_steps}; raise max_steps to continue"
-        )
-    return loaded
-
-
 def _load_data(options: TrainOptions, hooks: TrainHooks) -> tuple[EmbeddingSet, Any]:
     encoder = load_image_encoder(options.encoder, options.device)
     settings = clip_settings(options)
@@ -612,7 +303,7 @@ def _state(run: _Run, config: PredictorConfig, options: TrainOptions, split: dic
         "loss_sum": run.loss_sum,
         "loss_count": run.loss_count,
         "config": asdict(config),
-        "fingerprint": _fingerprint(options),
+        "fingerprint": fingerprint(options),
         "split": split,
     }
 
@@ -699,7 +390,7 @@ def _loop(
 
 def _append_record(run: _Run, record: dict, options: TrainOptions, hooks: TrainHooks) -> None:
     run.records.append(record)
-    _write_metrics(options.out, run.records)
+    write_metrics(options.out, run.records)
     if hooks.on_eval is not None:
         hooks.on_eval(record)
 
@@ -730,26 +421,6 @@ def _validation_set(
     return val
 
 
-def _claim_out(claim: contextlib.ExitStack, out: Path) -> None:
-    """Lock OUT for this process (until `claim` closes) and clear killed runs' leftovers."""
-    if not claim.enter_context(folder_lock(out, exclusive=True, wait=False)):
-        raise TrainError(
-            f"{out} is in use by another train-predictor run; wait for it to end or pick "
-            "another folder"
-        )
-    _remove_leftovers(out)
-
-
-def _note_warmup(options: TrainOptions, hooks: TrainHooks) -> None:
-    if options.max_steps < options.warmup_steps:
-        peak = options.lr * options.max_steps / options.warmup_steps  # lr of the last step
-        hooks.note(
-            f"max_steps {options.max_steps} is shorter than warmup_steps "
-            f"{options.warmup_steps}: the learning rate never reaches its peak {options.lr:g} "
-            f"(it stops at {peak:.3g}); lower --warmup-steps"
-        )
-
-
 def train_predictor(options: TrainOptions, hooks: TrainHooks | None = None) -> TrainResult:
     """Train (or resume training) a motion predictor; see the module docstring for the recipe.
 
@@ -758,8 +429,8 @@ def train_predictor(options: TrainOptions, hooks: TrainHooks | None = None) -> T
     hooks = hooks or TrainHooks()
     began = time.perf_counter()
     options = replace(options, data=Path(options.data), out=Path(options.out))
-    _validate(options)
-    _note_warmup(options, hooks)
+    validate_options(options)
+    note_warmup(options, hooks)
     with contextlib.ExitStack() as claim:
         return _train(options, hooks, claim, began)
 
@@ -770,8 +441,8 @@ def _train(
     check_writable_folder(options.out, "--out")
     claimed = options.out.is_dir()
     if claimed:  # before anything is read from it: another live run there is refused
-        _claim_out(claim, options.out)
-    resumed = _prepare_out(options, hooks)
+        claim_out(claim, options.out)
+    resumed = prepare_out(options, hooks)
     # The cache folder is checked before the encoder loads and anything is encoded.
     prepare_cache_dir(options.data, options.cache_dir)
     device = resolve_device(options.device)
@@ -780,7 +451,7 @@ def _train(
     # Only now, with the encoder and data known to be good: a failed start leaves no folder.
     options.out.mkdir(parents=True, exist_ok=True)
     if not claimed:
-        _claim_out(claim, options.out)
+        claim_out(claim, options.out)
     if resumed is None:
         config = predictor_config(options, encoder.dim, embedding_rms(train_videos), encoder)
     else:
@@ -791,7 +462,7 @@ def _train(
     sampler = ClipSampler(train_videos, settings)
     val = _validation_set(val_videos, settings, options, hooks)
     if resumed is None:
-        _clear_run(options.out)  # an overwritten run, or the leftovers of one never checkpointed
+        clear_run(options.out)  # an overwritten run, or the leftovers of one never checkpointed
     run = _build_run(options, config, device)
     for model in (run.model, run.ema):
         model.set_input_normalization(*embedding_center(train_videos))
@@ -800,17 +471,17 @@ def _train(
         f"{len(train_videos)} training and {len(val_videos)} validation videos; "
         f"σ = {config.scale:.4g}; {sum(p.numel() for p in run.model.parameters()):,} parameters"
     )
-    _write_run_info(options, config, data, split, "running")
+    write_run_info(options, config, data, split, "running")
 
     def save() -> Path:
         state = _state(run, config, options, split)
-        return _save_checkpoint(options.out, run.step, state, run.ema, options.keep_checkpoints)
+        return save_checkpoint(options.out, run.step, state, run.ema, options.keep_checkpoints)
 
     checkpoint = _loop(run, sampler, val, options, hooks, save, device)
     if checkpoint is None:  # resumed a finished run: nothing to train
         checkpoint = checkpoint_steps(options.out)[-1][1]
     predictor_path = save_predictor(run.ema, options.out)
-    _write_run_info(options, config, data, split, "finished")
+    write_run_info(options, config, data, split, "finished")
     return TrainResult(
         out=options.out,
         predictor_path=predictor_path,
@@ -859,23 +530,9 @@ def _resume_into(
     state, path = resumed
     _restore(run, state)
     # Records past the checkpoint came from steps that will be trained again.
-    run.records = [r for r in _read_metrics(options.out) if r.get("step", 0) <= run.step]
-    _write_metrics(options.out, run.records)
+    run.records = [r for r in read_metrics(options.out) if r.get("step", 0) <= run.step]
+    write_metrics(options.out, run.records)
     if state.get("split") != split:
         hooks.note("the set of videos changed since the checkpoint: the split differs")
     hooks.note(f"resuming from {path.name} (step {run.step} of {options.max_steps})")
     return run.step
-
-
-def _write_run_info(
-    options: TrainOptions, config: PredictorConfig, data: EmbeddingSet, split: dict, status: str
-) -> None:
-    info = {
-        "status": status,
-        "options": _options_json(options),
-        "predictor": asdict(config),
-        "counts": data.counts,
-        "skipped": [asdict(s) for s in data.skipped],
-        "split": split,
-    }
-    atomic_write_text(options.out / RUN_NAME, json.dumps(info, indent=1) + "\n")

@@ -242,11 +242,11 @@ def write_synthetic_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m storycli.motion.synthetic DIR`: a folder of synthetic training videos."""
+    """`python -m storycli.motion.video.synthetic DIR`: a folder of synthetic training videos."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m storycli.motion.synthetic",
+        prog="python -m storycli.motion.video.synthetic",
         description="Write synthetic videos (shapes on curved, accelerating and turning paths) "
         "for trying `storydiff train-predictor` without a video collection.",
     )

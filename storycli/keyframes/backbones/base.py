@@ -1,0 +1,139 @@
+"""The `Backbone` interface: what the story loop (`keyframes/loop.py`) asks of a diffusion model.
+
+The loop owns what is the same for every backbone: which frames share a forward, the scheduler's
+steps over one batch of latents, CSA's per-call draws and banks, checkpoints and callbacks. A
+backbone owns what depends on its network: how prompts become the network's conditioning, how
+one forward (both CFG halves) becomes a noise prediction, the latents' shape, the VAE, and where
+CSA goes in (its layers, the hooks that drive `CSAState`, windowed forwards, regional compiling).
+Methods mirror what the loop needed of SDXL, nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from storycli.consistency.csa_state import CSAState, LayerInfo
+    from storycli.consistency.ip_adapter import Photos
+    from storycli.keyframes.plan import Plan, PlannedFrame
+    from storycli.keyframes.schedule import RenderSize
+
+
+class Conditioning(Protocol):
+    """One forward's conditioning in the backbone's own form: the loop only keeps it per chunk
+    and hands it back to `predict_noise`."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the initial noise is drawn in (the text embeddings')."""
+        ...
+
+
+class Backbone(Protocol):
+    """A diffusion model as the story loop drives it (see the module doc)."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the denoising network runs (latents live there)."""
+        ...
+
+    @property
+    def scheduler(self) -> Any:
+        """The diffusers scheduler stepping every frame's latents as one batch."""
+        ...
+
+    def guided(self, guidance: float) -> bool:
+        """Whether forwards run classifier-free guidance (an unconditional half) at `guidance`."""
+        ...
+
+    def conditioning(
+        self,
+        plan: Plan,
+        calls: Sequence[Sequence[PlannedFrame]],
+        size: RenderSize,
+        cfg: bool,
+    ) -> Conditioning:
+        """The conditioning of one forward running these plan calls' frames, in row order. Each
+        call's part is encoded alone, so a frame's conditioning does not depend on which calls
+        share its forward."""
+        ...
+
+    def add_photos(
+        self,
+        conditioning: Conditioning,
+        photos: Photos,
+        shown: Sequence[Sequence[str]],
+        cfg: bool,
+        latent_size: tuple[int, int],
+    ) -> None:
+        """Add IP-Adapter photo conditioning for rows showing the characters `shown`."""
+        ...
+
+    def initial_noise(
+        self, frames: Sequence[PlannedFrame], size: RenderSize, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Each frame's starting noise, unscaled, on the CPU (see `plan.noise_draws`)."""
+        ...
+
+    def encode_pictures(self, paths: list[str | None], size: RenderSize) -> list[torch.Tensor]:
+        """Pictures (start images, characters' images) → their clean latents."""
+        ...
+
+    def step_kwargs(self, generators: list[torch.Generator]) -> dict[str, Any]:
+        """Extra `scheduler.step` arguments (the generators of schedulers that draw noise)."""
+        ...
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        conditioning: Conditioning,
+        cfg: bool,
+        guidance: float,
+    ) -> torch.Tensor:
+        """One forward of the network on these rows' latents at timestep `t`: the noise
+        prediction, guided (both halves run in the one forward) when `cfg`."""
+        ...
+
+    def decoding(self) -> AbstractContextManager[None]:
+        """Around every `decode` of a story (e.g. the VAE decoder upcast once for all)."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents → images, as the backbone's pipeline decodes them."""
+        ...
+
+    def freeu(self, plan: Plan) -> AbstractContextManager[None]:
+        """The story's `freeu:` settings on the network for the duration."""
+        ...
+
+    def release(self) -> None:
+        """After the story: the pipeline's offload hooks re-armed for its next use."""
+        ...
+
+    # -- Consistent Self-Attention ------------------------------------------------------------
+
+    def csa_layers(self, blocks: Sequence[str]) -> list[LayerInfo]:
+        """The self-attention layers CSA replaces in these blocks, with their resolution level."""
+        ...
+
+    def installed_csa(self, state: CSAState) -> AbstractContextManager[Any]:
+        """CSA's processors in `csa_layers`, and the forward hooks driving `state`, for the
+        duration."""
+        ...
+
+    def windowed(
+        self, state: CSAState, frames: int, window: int, stride: int
+    ) -> AbstractContextManager[None]:
+        """The network's forwards on `frames` frames run window by window (sliding-window CSA)."""
+        ...
+
+    def compiled(self, backend: str) -> AbstractContextManager[None]:
+        """The network's repeated blocks `torch.compile`d for the duration."""
+        ...
