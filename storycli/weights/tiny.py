@@ -80,7 +80,7 @@ _CORPUS = """
     together alone again away back down up out off around along across toward story
     chapter end beginning adventure journey dream magic secret treasure map letter gift
 """
-_WORDS: tuple[str, ...] = tuple(_CORPUS.split())
+WORDS: tuple[str, ...] = tuple(_CORPUS.split())
 
 
 def _learn_merges(words: tuple[str, ...], num_merges: int) -> list[tuple[str, str]]:
@@ -128,7 +128,7 @@ def _vocab_and_merges() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, s
     """The tiny tokenizer's vocabulary (as ordered items) and merges, computed once."""
     byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + [c + _EOW for c in byte_chars]
-    merges = _learn_merges(_WORDS, _NUM_MERGES)
+    merges = _learn_merges(WORDS, _NUM_MERGES)
     tokens += ["".join(m) for m in merges]
     tokens += [_BOS, _EOS]
     vocab: dict[str, int] = {}
@@ -171,7 +171,7 @@ def build_tokenizer(pad_token: str = _EOS) -> transformers.CLIPTokenizer:
     )
 
 
-def _text_encoder_config(
+def text_encoder_config(
     tokenizer: transformers.CLIPTokenizer,
 ) -> transformers.CLIPTextConfig:
     from transformers import CLIPTextConfig
@@ -295,8 +295,8 @@ def _tiny_text_encoders(
     """SDXL's two text encoders, the second with a projection (first one drawn first)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    text_encoder = CLIPTextModel(_text_encoder_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(tokenizer_2))
+    text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(tokenizer_2))
     return text_encoder, text_encoder_2
 
 
