@@ -506,6 +506,13 @@ class CSAState:
         if hidden.shape[0] % self.rows:
             raise RuntimeError(f"batch {hidden.shape[0]} is not a multiple of {self.rows}")
 
+    def grid_tokens(self, layer: LayerInfo) -> int:
+        """Tokens per image in `layer` this step: the latent grid of `begin_step`, downsampled
+        as the layer is (as the draws count them)."""
+        factor = 2**layer.downsample
+        height, width = self._latent_size
+        return math.ceil(height / factor) * math.ceil(width / factor)
+
     def row_flags(self, layer: LayerInfo) -> torch.Tensor | None:
         """(rows,) whether each row applies CSA in `layer` now (None: every row does)."""
         return None if self._flags is None else self._flags[:, layer.index]

@@ -132,6 +132,20 @@ def model_warnings(plan: Plan, pipe: Any) -> list[str]:
     return out
 
 
+class NotOnThisModel(InvalidInput):
+    """A story feature the model's family cannot run yet (FLUX.1: see `backbones.flux`)."""
+
+
+def check_family(plan: Plan, family: str | None, compile_: bool) -> None:
+    """Refuse, in one line, what the model's family cannot run yet (None: not known before
+    the load; checked again after it)."""
+    from storycli.keyframes.backbones.support import refusal
+
+    problem = refusal(family, plan.story, compile_) if family is not None else None
+    if problem is not None:
+        raise NotOnThisModel(problem)
+
+
 class BankMismatch(InvalidInput):
     """A saved character made under other settings than the story's."""
 
@@ -320,6 +334,7 @@ def _resolve_model(job: _Job) -> None:
     story = job.plan.story
     job.info = resolve_model(story.model, job.configs, job.story_path.parent, **job.load_options())
     job.size = render_size(job.plan, job.info.long_side)
+    check_family(job.plan, job.info.family, job.options.compile)
     check_saved_banks(job.plan, job.info.model_id, job.dimensions)
     job.frame_batch = job.options.frame_batch or default_frame_batch(
         job.info.device.partition(":")[0]
@@ -353,6 +368,7 @@ def _load_model(job: _Job, models: Any) -> tuple[LoadedModel | None, bool]:
         vae_tiling=job.options.vae_tiling,
         **job.load_options(),
     )
+    check_family(job.plan, loaded.family, job.options.compile)  # a hub id's, known only now
     if loaded.describe() != job.info.describe():  # the load downloaded: a revision is known
         job.info = loaded
         _prepare_run(job)
@@ -366,7 +382,11 @@ def _announce_model(job: _Job, loaded: LoadedModel | None) -> None:
         hooks.on_model(job.info)
     # Not the tiny model's: its toy tokenizer (bytes and a few merges) cuts every real prompt,
     # which says nothing about the story (its frames are noise anyway).
-    for warning in model_warnings(job.plan, loaded.pipe) if loaded and not loaded.tiny else []:
+    warnings = model_warnings(job.plan, loaded.pipe) if loaded and not loaded.tiny else []
+    if loaded is not None and loaded.family == "flux" and job.plan.story.negative:
+        # FLUX.1 is guidance-distilled: there is no unconditional half to put a negative in.
+        warnings.append("negative: FLUX.1 takes no negative prompt; it is ignored")
+    for warning in warnings:
         if hooks.on_warning:
             hooks.on_warning(warning)
 
@@ -436,7 +456,8 @@ def _make_frames(job: _Job, loaded: LoadedModel, versions: dict[str, str]) -> di
             job.plan, job.options.save_characters, job.info.model_id, job.dimensions
         )
         run.write_manifest(job.dimensions, versions, {}, complete=False)
-        set_scheduler(loaded.pipe, story.scheduler)
+        if loaded.family != "flux":  # FLUX.1 keeps its own flow-matching scheduler
+            set_scheduler(loaded.pipe, story.scheduler)
         if hooks.on_start:
             hooks.on_start(len(job.todo), story.steps)
         checkpoint = _loop_checkpoint(job, writers)

@@ -4,7 +4,7 @@
 by one scheduler, each step running the frames in chunks (`schedule.story_chunks`) that share a
 forward. This module holds what is the same for every backbone: the phases (conditioning, latents,
 CSA's calls, resume, the denoising loop, decoding), the banks loaded and saved step by step, and
-checkpoints. What depends on the network is asked of a `Backbone` (`backbones/`; SDXL today).
+checkpoints. What depends on the network is asked of a `Backbone` (`backbones/`: SDXL, FLUX.1).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from PIL import Image
 from storycli.consistency.csa_state import BankSettings, CallStream, CSASettings, CSAState
 from storycli.consistency.ip_adapter import Photos
 from storycli.keyframes.backbones.base import Backbone, Conditioning
-from storycli.keyframes.backbones.sdxl import SDXLBackbone
+from storycli.keyframes.backbones.select import backbone_for
 from storycli.keyframes.checkpoints import LoopCheckpoint
 from storycli.keyframes.plan import GenerationCall, Plan, PlannedFrame
 from storycli.keyframes.schedule import (
@@ -131,7 +131,7 @@ def generate_keyframes(
     """
     todo = set(todo)
     story = plan.story
-    backbone = SDXLBackbone(pipe)  # the one backbone so far: models.py loads SDXL pipelines
+    backbone = backbone_for(pipe)  # SDXL or FLUX.1, by the pipeline's class
     save_banks = save_banks or {}
     calls = calls_needed(plan, todo, save_banks)
     frame_batch = frame_batch or default_frame_batch(torch.device(backbone.device).type)
@@ -141,7 +141,8 @@ def generate_keyframes(
     started = time.perf_counter()
 
     forwards = prepare_conditioning(backbone, plan, chunks, size, cfg)
-    prepare_timesteps(backbone, story.steps)
+    backbone.text_encoded()  # every prompt is encoded (FLUX: T5 leaves the GPU)
+    backbone.prepare_timesteps(story.steps, size)  # 2. one scheduler for the batch
     batch = prepare_latents(backbone, frames, size, forwards[0].conditioning.dtype)
     state = prepare_csa(backbone, plan)
     io = StepIO(saved_banks(plan), save_banks, checkpoint, on_step, on_call)
@@ -175,9 +176,10 @@ def generate_keyframes(
 def prepare_conditioning(
     backbone: Backbone, plan: Plan, chunks: Sequence[Chunk], size: RenderSize, cfg: bool
 ) -> list[Forward]:
-    """1. Each chunk's conditioning (SDXL: prompts, pooled text, size ids), a plan call at a
-    time: batch composition moves float results, so a frame's embeddings depend only on its own
-    call, whichever calls share its forward, and a frame made again is bit-identical."""
+    """1. Each chunk's conditioning (SDXL: prompts, pooled text, size ids; FLUX.1: T5 tokens,
+    pooled CLIP, position ids), a plan call at a time: batch composition moves float results,
+    so a frame's embeddings depend only on its own call, whichever calls share its forward, and
+    a frame made again is bit-identical."""
     return [
         Forward(
             chunk,
@@ -189,21 +191,13 @@ def prepare_conditioning(
     ]
 
 
-def prepare_timesteps(backbone: Backbone, steps: int) -> None:
-    """2. Timesteps: one scheduler for the batch (multistep schedulers keep per-sample history)."""
-    scheduler = backbone.scheduler
-    scheduler.set_timesteps(steps, device=backbone.device)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-
-
 def prepare_latents(
     backbone: Backbone, frames: list[PlannedFrame], size: RenderSize, dtype: torch.dtype
 ) -> Batch:
     """3. Initial noise, each frame's as the plan says (see plan.noise_draws), the pictures'
     latents, and generators for the schedulers that draw noise while stepping."""
     noise = backbone.initial_noise(frames, size, dtype)
-    latents = noise.to(backbone.device) * backbone.scheduler.init_noise_sigma
+    latents = backbone.initial_latents(noise)
     # Pictures (start_image, a character's image) are not denoised: at every step their row is
     # the picture's latent noised to that step's level, so the reference forward carries its
     # tokens into the character's bank; the picture itself is the frame.
@@ -393,7 +387,7 @@ def noise_pictures(backbone: Backbone, batch: Batch, t: torch.Tensor) -> None:
     at = t.reshape(1).to(device)
     for row, clean in zip(batch.picture_rows, batch.pictures, strict=True):
         noise = batch.noise[row : row + 1].to(device)
-        noisy = backbone.scheduler.add_noise(clean[None], noise, at)
+        noisy = backbone.noise_pictures(clean[None], noise, at)
         batch.latents[row] = noisy[0].to(batch.latents.dtype)
 
 

@@ -1,9 +1,13 @@
 """Loading stage one's pipeline: preset, hub id, local diffusers folder or single checkpoint file,
 with an optional separate VAE, and the scheduler a story names.
+
+Two model families: SDXL (`StableDiffusionXLPipeline`) and FLUX.1 (`FluxPipeline`), told apart
+by the `model_index.json` a folder or cached snapshot has (`model_family`), before loading.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +56,9 @@ class ModelInfo:
     dtype: str
     vae: str | None = None  # the VAE replacing the model's own: hub id or absolute path
     vae_revision: str | None = None
+    # "sdxl" or "flux" (None: a hub id not cached yet, known once loaded). Not in `describe`:
+    # the model's id already tells frames of different families apart.
+    family: str | None = "sdxl"
 
     @property
     def label(self) -> str:
@@ -73,7 +80,43 @@ class ModelInfo:
 
 @dataclass(kw_only=True)
 class LoadedModel(ModelInfo):
-    pipe: Any  # diffusers.StableDiffusionXLPipeline
+    pipe: Any  # diffusers.StableDiffusionXLPipeline or FluxPipeline
+
+
+#: Built in-process (`weights.tiny`, `weights.tiny_flux`), by family.
+TINY_SOURCES = {"tiny": "sdxl", "tiny-flux": "flux"}
+#: `model_index.json`'s `_class_name` → family (anything else loads as SDXL, as before).
+PIPELINE_FAMILIES = {"FluxPipeline": "flux"}
+
+
+def index_family(model_index: Path) -> str:
+    """The family a diffusers folder's `model_index.json` names ("sdxl" unless FLUX)."""
+    try:
+        name = json.loads(model_index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return "sdxl"  # the load itself says what is wrong with the folder
+    return PIPELINE_FAMILIES.get(str(name), "sdxl")
+
+
+def model_family(source: str) -> str | None:
+    """ "sdxl" or "flux" for a resolved source (tiny preset, absolute path or hub id), without
+    loading it; None for a hub id whose snapshot is not cached (the load finds out)."""
+    if source in TINY_SOURCES:
+        return TINY_SOURCES[source]
+    path = Path(source)
+    if path.is_absolute():
+        return index_family(path / "model_index.json") if path.is_dir() else "sdxl"
+    snapshot = cached_snapshot(source)
+    if snapshot is None or not (snapshot / "model_index.json").is_file():
+        return None
+    return index_family(snapshot / "model_index.json")
+
+
+def pipeline_class(family: str | None) -> Any:
+    """The diffusers pipeline class a family loads with."""
+    import diffusers
+
+    return diffusers.FluxPipeline if family == "flux" else diffusers.StableDiffusionXLPipeline
 
 
 def _load_single_file(path: Path, torch_dtype: torch.dtype) -> Any:
@@ -117,14 +160,17 @@ def resolve_model(
     base_dir = base_dir or Path.cwd()
     device = resolve_device(device)
     check_offload(offload, device)
-    torch_dtype = resolve_dtype(dtype, device)
     preset = configs.presets.get(model)
     source = preset.source if preset else model
     revision = None
     if preset is None and (local := local_model_path(model, base_dir)):
         source = str(local.resolve())
-    elif source != "tiny":
+    elif source not in TINY_SOURCES:
         revision = hub_revision(source)
+    family = model_family(source)
+    torch_dtype = resolve_dtype(dtype, device)
+    if dtype == "auto" and family == "flux" and torch_dtype == torch.float16:
+        torch_dtype = torch.bfloat16  # FLUX.1 is trained in bfloat16; float16 overflows
     if vae is None and preset is not None and preset.vae is not None:
         vae, base_dir = preset.vae, configs.root  # a preset's path: relative to its file
     vae_revision = None
@@ -136,12 +182,13 @@ def resolve_model(
         model_id=source,
         revision=revision,
         preset=preset.name if preset else None,
-        tiny=source == "tiny",
+        tiny=source in TINY_SOURCES,
         long_side=preset.long_side if preset else None,
         device=device,
         dtype=str(torch_dtype).removeprefix("torch."),
         vae=vae,
         vae_revision=vae_revision,
+        family=family,
     )
 
 
@@ -193,10 +240,8 @@ def load_pipeline(
     vae_tiling: bool = False,
     vae: str | None = None,
 ) -> LoadedModel:
-    """Load an SDXL pipeline for `model` (with `vae` replacing its VAE, see `resolve_model`)
-    and place it on `device` with the memory options."""
-    from diffusers import StableDiffusionXLPipeline
-
+    """Load the SDXL or FLUX.1 pipeline for `model` (with `vae` replacing its VAE, see
+    `resolve_model`) and place it on `device` with the memory options."""
     configs = configs or Configs()
 
     def resolved() -> ModelInfo:
@@ -208,7 +253,11 @@ def load_pipeline(
     source = info.model_id
 
     try:
-        if info.tiny:
+        if info.tiny and info.family == "flux":
+            from storycli.weights.tiny_flux import build_tiny_flux_pipeline
+
+            pipe = build_tiny_flux_pipeline(torch_dtype)
+        elif info.tiny:
             from storycli.weights.tiny import build_tiny_sdxl_pipeline
 
             pipe = build_tiny_sdxl_pipeline(torch_dtype)
@@ -218,24 +267,14 @@ def load_pipeline(
                 pipe = _load_single_file(path, torch_dtype)
             else:
                 variant = weights_variant(path, "fp16" if torch_dtype == torch.float16 else None)
+                cls = pipeline_class(info.family)  # imported before: `quiet_loading` sees it
                 with quiet_loading():
-                    pipe = StableDiffusionXLPipeline.from_pretrained(
+                    pipe = cls.from_pretrained(
                         str(path), dtype=torch_dtype, variant=variant, local_files_only=True
                     )
         else:
             preferred = preset.variant if preset and torch_dtype == torch.float16 else None
-
-            def load(local_only: bool) -> Any:
-                # A cached snapshot may hold only the fp16 files (`--include "*.fp16.*"`).
-                snapshot = cached_snapshot(source) if local_only else None
-                variant = weights_variant(snapshot, preferred) if snapshot else preferred
-                return StableDiffusionXLPipeline.from_pretrained(
-                    source, dtype=torch_dtype, variant=variant, local_files_only=local_only
-                )
-
-            what = f"Model '{model}'" + (f" ({source})" if source != model else "")
-            instead = ", or set `model:` to a local diffusers folder or .safetensors file"
-            pipe = from_hub(load, HubWeights(what, source, source, instead))
+            pipe = _load_from_hub(model, source, torch_dtype, preferred, dtype == "auto")
     except ModelUnavailable:
         raise
     except load_errors() as exc:
@@ -249,7 +288,37 @@ def load_pipeline(
     if vae_tiling:
         pipe.vae.enable_tiling()
     # Resolved again: a download during the load has put a snapshot (its revision) in the cache.
-    return LoadedModel(pipe=pipe, **vars(resolved()))
+    loaded = LoadedModel(pipe=pipe, **vars(resolved()))
+    loaded.family = "flux" if type(pipe).__name__ in PIPELINE_FAMILIES else "sdxl"
+    return loaded
+
+
+def _load_from_hub(
+    model: str, source: str, torch_dtype: torch.dtype, preferred: str | None, auto: bool
+) -> Any:
+    """A hub id's pipeline, cache first (`from_hub`), of the family its `model_index.json`
+    names (fetched first when nothing is cached). `auto`: the dtype was not asked for, so a
+    FLUX.1 found only now runs in bfloat16 (as `resolve_model` says once it is cached)."""
+    import diffusers  # noqa: F401  (imported before `quiet_loading` looks for it)
+    from huggingface_hub import hf_hub_download
+
+    def load(local_only: bool) -> Any:
+        # A cached snapshot may hold only the fp16 files (`--include "*.fp16.*"`).
+        snapshot = cached_snapshot(source) if local_only else None
+        variant = weights_variant(snapshot, preferred) if snapshot else preferred
+        family = model_family(source)
+        if family is None and not local_only:
+            family = index_family(Path(hf_hub_download(source, "model_index.json")))
+        wanted = torch_dtype
+        if auto and family == "flux" and torch_dtype == torch.float16:
+            wanted = torch.bfloat16
+        return pipeline_class(family).from_pretrained(
+            source, dtype=wanted, variant=variant, local_files_only=local_only
+        )
+
+    what = f"Model '{model}'" + (f" ({source})" if source != model else "")
+    instead = ", or set `model:` to a local diffusers folder or .safetensors file"
+    return from_hub(load, HubWeights(what, source, source, instead))
 
 
 def set_scheduler(pipe: Any, name: str) -> None:

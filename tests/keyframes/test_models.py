@@ -140,15 +140,15 @@ def _tiny_sdxl_for_single_file() -> Any:
     `conditioner.embedders.1.model.transformer.resblocks.9`, as in the real one."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from storycli.weights.tiny import TINY_SEED, _text_encoder_config, build_tiny_sdxl_pipeline
+    from storycli.weights.tiny import TINY_SEED, build_tiny_sdxl_pipeline, text_encoder_config
 
     pipe = build_tiny_sdxl_pipeline()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED + 5)
-        config = _text_encoder_config(pipe.tokenizer)
+        config = text_encoder_config(pipe.tokenizer)
         config.hidden_size, config.intermediate_size = 16, 64
         pipe.text_encoder = CLIPTextModel(config).eval()
-        config_2 = _text_encoder_config(pipe.tokenizer_2)
+        config_2 = text_encoder_config(pipe.tokenizer_2)
         config_2.hidden_size, config_2.intermediate_size = 48, 96
         config_2.num_hidden_layers = 10
         pipe.text_encoder_2 = CLIPTextModelWithProjection(config_2).eval()

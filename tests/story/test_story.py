@@ -462,7 +462,8 @@ BAD: list = [
         frames: [a]
         """,
         "model",
-        "unknown model 'sdxll': use a preset (sdxl, realvisxl, tiny)",
+        "unknown model 'sdxll': use a preset "
+        "(sdxl, realvisxl, tiny, tiny-flux, flux-schnell, flux-dev)",
         "model:",
         id="unknown-model-preset",
     ),
@@ -552,7 +553,8 @@ def test_missing_model_path_is_resolved_from_the_story_folder(
     monkeypatch.chdir(tmp_path)
     error = load_error(story)
     assert f"(looked at {tmp_path / 'sub' / 'models' / 'nope'})" in error.issues[0].message
-    assert "use a preset: sdxl, realvisxl, tiny" in error.issues[0].message
+    presets = "sdxl, realvisxl, tiny, tiny-flux, flux-schnell, flux-dev"
+    assert f"use a preset: {presets}" in error.issues[0].message
 
 
 def test_model_paths_relative_to_story_folder_not_cwd(

@@ -5,7 +5,10 @@ steps over one batch of latents, CSA's per-call draws and banks, checkpoints and
 backbone owns what depends on its network: how prompts become the network's conditioning, how
 one forward (both CFG halves) becomes a noise prediction, the latents' shape, the VAE, and where
 CSA goes in (its layers, the hooks that drive `CSAState`, windowed forwards, regional compiling).
-Methods mirror what the loop needed of SDXL, nothing more.
+The scheduler's side that differs between a UNet's noise schedule and flow matching is the
+backbone's too: setting the timesteps (FLUX.1 shifts them by the image's token count), the first
+latents from the noise, and noising pictures' rows to a step's level. Methods mirror what the
+loop needs of SDXL and FLUX.1, nothing more.
 """
 
 from __future__ import annotations
@@ -64,6 +67,16 @@ class Backbone(Protocol):
         share its forward."""
         ...
 
+    def text_encoded(self) -> None:
+        """Every forward's conditioning is made: text encoders the loop no longer needs may
+        leave the GPU (FLUX's T5); the next story's `conditioning` brings them back."""
+        ...
+
+    def prepare_timesteps(self, steps: int, size: RenderSize) -> None:
+        """The scheduler's timesteps for `steps` steps at this render size (flow matching
+        shifts them by the image's token count), its begin index at the first."""
+        ...
+
     def add_photos(
         self,
         conditioning: Conditioning,
@@ -81,8 +94,19 @@ class Backbone(Protocol):
         """Each frame's starting noise, unscaled, on the CPU (see `plan.noise_draws`)."""
         ...
 
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        """The first step's latents on the device from the unscaled initial noise."""
+        ...
+
     def encode_pictures(self, paths: list[str | None], size: RenderSize) -> list[torch.Tensor]:
         """Pictures (start images, characters' images) → their clean latents."""
+        ...
+
+    def noise_pictures(
+        self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Pictures' clean latents noised to timestep `t`'s level with their initial noise
+        (the scheduler's forward process)."""
         ...
 
     def step_kwargs(self, generators: list[torch.Generator]) -> dict[str, Any]:

@@ -79,6 +79,15 @@ class SDXLBackbone:
         )
         return SDXLConditioning(text, added, mask)
 
+    def text_encoded(self) -> None:
+        pass  # SDXL's text encoders are small: they stay where they are
+
+    def prepare_timesteps(self, steps: int, size: RenderSize) -> None:
+        # One scheduler for the batch (multistep schedulers keep per-sample history).
+        self.scheduler.set_timesteps(steps, device=self.device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+
     def add_photos(
         self,
         conditioning: SDXLConditioning,
@@ -98,8 +107,16 @@ class SDXLBackbone:
     ) -> torch.Tensor:
         return initial_noise(self.pipe, list(frames), size, dtype)
 
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise.to(self.device) * self.scheduler.init_noise_sigma
+
     def encode_pictures(self, paths: list[str | None], size: RenderSize) -> list[torch.Tensor]:
         return encode_pictures(self.pipe, paths, size)
+
+    def noise_pictures(
+        self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        return self.scheduler.add_noise(clean, noise, t)
 
     def step_kwargs(self, generators: list[torch.Generator]) -> dict[str, Any]:
         return self.pipe.prepare_extra_step_kwargs(generators, 0.0)
