@@ -7,19 +7,12 @@ cannot run yet stops with one line naming the story field and the fix, before th
 
 from __future__ import annotations
 
-from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from storycli.story.schema import Story
 
-_SDXL_INSTEAD = "or an SDXL model (e.g. `model: sdxl`)"
-
-
-def dit_csa_available() -> bool:
-    """Whether CSA's DiT half (`consistency/csa_dit.py`) is there (found, not imported: this
-    module stays free of torch)."""
-    return find_spec("storycli.consistency.csa_dit") is not None
+_SDXL_INSTEAD = "or use an SDXL model (e.g. `model: sdxl`)"
 
 
 def flux_refusal(story: Story, compile_: bool = False) -> str | None:
@@ -37,11 +30,6 @@ def flux_refusal(story: Story, compile_: bool = False) -> str | None:
         )
     if story.freeu is not None:
         return "freeu: FreeU is a UNet feature, not FLUX.1's; remove `freeu:` from the story"
-    if story.uses_csa and not dit_csa_available():
-        return (
-            "consistency.method: storydiffusion is not supported on FLUX.1 yet; use "
-            f"`consistency: {{method: none}}` {_SDXL_INSTEAD}"
-        )
     if story.uses_csa and story.consistency.mode == "window":
         return (
             "consistency.mode: window is not supported on FLUX.1 yet; use `mode: reference` "
