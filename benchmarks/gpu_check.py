@@ -22,7 +22,12 @@ What it does, on a CUDA machine (≤ 6 minutes with the default ``--budget-s 330
    UNet forwards per step, frame batch, per-frame ``seconds`` — the story loop's time before the
    decode (text encoding + denoising) divided by its frames, so their sum is the denoising time —
    and measures each process's wall time. Compile seconds ≈ compiled wall − eager wall.
-4. Writes one pair ``<out>/gpu-check-<date>.json`` and ``.md`` (rewritten after every run, so a
+4. Before the fp16-safe VAE pair, issue 22's FLUX.1 DiT benchmark (``benchmarks/csa_dit.py``,
+   one process, capped at ``DIT_CAP`` = 150 s, ≈ 60 s expected): per-forward CSA / stock and
+   whole-story peaks on a random-weight FLUX.1-dev transformer (11.9 B, bf16, built on the
+   GPU) at 1024²; its own ``csa-dit-cuda-<date>.json`` / ``.md`` go to ``--out`` and its
+   targets join this check's (``--no-dit`` skips it).
+5. Writes one pair ``<out>/gpu-check-<date>.json`` and ``.md`` (rewritten after every run, so a
    killed check still leaves the runs done) with the ratios CSA / stock and a table against the
    issue's targets.
 
@@ -30,8 +35,8 @@ It stops starting runs when ``--budget-s`` seconds have passed since it started 
 that would pass it; a failed run is recorded with its stderr tail and the others go on.
 
 ``--tiny``: the same on the CPU with the ``tiny`` preset (64 px, 2 steps), only the two_friends
-pair and the rerun (the others are listed as skipped), ≈ 20–40 s on 2 cores: what
-``tests/test_gpu_check.py`` runs.
+pair, the rerun and ``csa_dit.py --tiny`` (the others are listed as skipped), ≈ 30–50 s on
+2 cores: what ``tests/benchmarks/test_gpu_check.py`` runs.
 
 Usage::
 
@@ -82,6 +87,15 @@ MIN_START_S = {"rerun": 10}  # others: 30 s (tiny: 5 s)
 TINY_CAP = 120
 TINY_STEPS = 2
 TINY_RUNS = {"two_friends/stock/eager", "two_friends/csa/eager", "two_friends/csa/rerun"}
+
+# Issue 22's FLUX.1 DiT benchmark (benchmarks/csa_dit.py): one process, run before this run
+# (after the SDXL eager pairs and the rerun). ≈ 60 s expected on the H200 (12 B bf16 built on
+# the GPU ≈ 5 s, the forwards ≈ 15 s, four 1024² stories ≈ 20 s, imports ≈ 10 s); capped.
+DIT_SCRIPT = HERE / "csa_dit.py"
+DIT_BEFORE = "two_friends/stock/fp16-vae"
+DIT_CAP = 150
+DIT_MIN_START_S = 60  # tiny: 5 s
+DIT_TIME = 1.15  # CSA / stock time per image, FLUX.1 size, 1024²
 
 # SDXL base 1.0's configs (stabilityai/stable-diffusion-xl-base-1.0: vae/, text_encoder/,
 # text_encoder_2/, scheduler/ config.json), as written there.
@@ -326,12 +340,17 @@ def cli_env() -> dict[str, str]:
 def storydiff(args: list[str], timeout: float, log: Path) -> tuple[int | None, float, str, str]:
     """Run `storydiff ARGS` in a fresh process (its own process group, killed whole at the
     timeout): exit code (None: timed out), wall seconds, stdout, stderr."""
+    return python(["-c", CLI, *args], timeout, log)
+
+
+def python(args: list[str], timeout: float, log: Path) -> tuple[int | None, float, str, str]:
+    """Run `python ARGS` as `storydiff` runs (see there)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     out_file, err_file = log.with_suffix(".stdout"), log.with_suffix(".stderr")
     started = time.perf_counter()
     with out_file.open("w") as out, err_file.open("w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-c", CLI, *args],
+            [sys.executable, *args],
             cwd=ROOT,
             env=cli_env(),
             stdout=out,
@@ -579,6 +598,91 @@ def targets(runs: list[Run], summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
+# FLUX.1's DiT (issue 22)
+# --------------------------------------------------------------------------------------------
+
+
+def run_dit(
+    args: argparse.Namespace, device: str, work: Path, deadline: float, t0: float
+) -> dict[str, Any]:
+    """`benchmarks/csa_dit.py` in its own process (the real-size FLUX.1 transformer, or the
+    tiny one with --tiny); its JSON and .md go to `--out` beside this check's. Returns what
+    the check records: status, wall, and the DiT results (whatever it saved if killed)."""
+    left = deadline - time.perf_counter()
+    record: dict[str, Any] = {"status": "not run", "script": "benchmarks/csa_dit.py"}
+    if left < (5 if args.tiny else DIT_MIN_START_S):
+        return record | {"note": f"budget spent ({args.budget_s:g} s)"}
+    timeout = min(TINY_CAP if args.tiny else DIT_CAP, left)
+    # It starts no story in its last 30 s (a 1024² story ≈ 5-10 s), so it ends by itself.
+    out = args.out.resolve()  # the process runs in the checkout's root
+    command = [str(DIT_SCRIPT), "--out", str(out), "--budget-s", f"{max(timeout - 30, 1):.0f}"]
+    command += ["--tiny"] if args.tiny else ["--device", device]
+    log(t0, f"FLUX.1 DiT: csa_dit.py (timeout {timeout:.0f} s) …")
+    started = time.time()
+    code, wall, _, stderr = python(command, timeout, work / "logs" / "csa-dit")
+    status = "ok" if code == 0 else "timed out" if code is None else "failed"
+    record |= {"status": status, "wall_s": round(wall, 1), "timeout_s": round(timeout, 1)}
+    record["args"] = command[1:]
+    if code != 0:
+        record["stderr_tail"] = tail(stderr)
+    found = [p for p in out.glob("csa-dit-*.json") if p.stat().st_mtime >= started - 1]
+    if found:
+        path = max(found, key=lambda p: p.stat().st_mtime)
+        record["results_file"] = path.name
+        try:
+            record["results"] = json.loads(path.read_text())
+        except ValueError as exc:  # (csa_dit.py writes atomically; a stale file, say)
+            record["note"] = f"unreadable results: {exc}"
+    log(t0, f"FLUX.1 DiT: {status}, wall {wall:.1f} s, results {record.get('results_file')}")
+    return record
+
+
+def dit_targets(dit: dict[str, Any] | None, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 22's targets from csa_dit.py's results; verdicts only from a GPU run."""
+    if not dit:
+        return []
+    results = dit.get("results") or {}
+    gpu = not meta.get("tiny") and str(meta.get("device", "")).startswith("cuda")
+    status = dit["status"] + (f": {dit['note']}" if dit.get("note") else "")
+    size = (results.get("meta") or {}).get("size", "?")
+    label = f"FLUX.1 DiT, {size}²" + (" (tiny)" if meta.get("tiny") else "")
+    rows = []
+    forward = results.get("forward") or {}
+    stories = forward.get("stories") or []
+    longest = [s for s in stories if s["frames"] == max(x["frames"] for x in stories)]
+    time_label = f"{label}: CSA / stock time per image"
+    if longest:
+        # At the story loop's GPU read micro-batch (4) when measured, else the largest.
+        best = max(longest, key=lambda s: (s["micro_batch"] == 4, s["micro_batch"]))
+        detail = f"{best['frames']} frames, read micro-batch {best['micro_batch']}"
+        value = round(best["ratio"], 3)
+        met = best["ratio"] <= DIT_TIME if gpu else None
+        rows.append(target(time_label, f"≤ {DIT_TIME}", value, met, detail))
+    else:
+        rows.append(target(time_label, f"≤ {DIT_TIME}", None, None, status))
+    summary = (results.get("story") or {}).get("summary") or {}
+    peak, limit = summary.get("csa_longest_peak_bytes"), summary.get("peak_limit_bytes")
+    peak_label = f"{label}: CSA story peak ≤ transformer weights + 4 GiB"
+    if peak is not None and limit:
+        detail = f"{summary['csa_longest_frames']} frames; limit {limit / GIB:.2f} GiB"
+        met = peak <= limit if gpu else None
+        rows.append(
+            target(peak_label, f"≤ {limit / GIB:.2f} GiB", round(peak / GIB, 3), met, detail)
+        )
+    else:
+        rows.append(target(peak_label, "weights + 4 GiB", None, None, status))
+    growth = (summary.get("growth") or {}).get("storydiffusion")
+    flat_label = f"{label}: CSA story peak flat in frames (longest / shortest)"
+    if growth:
+        detail = f"{growth['frames'][0]} → {growth['frames'][1]} frames"
+        met = growth["ratio"] <= 1.01 if gpu else None
+        rows.append(target(flat_label, "≤ 1.01", round(growth["ratio"], 4), met, detail))
+    else:
+        rows.append(target(flat_label, "≤ 1.01", None, None, status))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------
 
@@ -682,6 +786,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {key} | {fmt(c['eager_wall_s'], 1)} | {fmt(c['compiled_wall_s'], 1)} "
                 f"| {fmt(c['compile_s'], 1)} | {faster} | {c['status']} |"
             )
+    dit = results.get("dit")
+    if dit:
+        lines += [
+            "",
+            "## FLUX.1 DiT (`benchmarks/csa_dit.py`)",
+            "",
+            f"Status {dit['status']}{': ' + dit['note'] if dit.get('note') else ''}; wall "
+            f"{fmt(dit.get('wall_s'), 1)} s of {fmt(dit.get('timeout_s'), 0)} s; full results: "
+            f"`{dit.get('results_file', '—')}` and its `.md`.",
+        ]
+        if dit.get("stderr_tail"):
+            lines += ["", "```", dit["stderr_tail"][-1500:], "```"]
     failed = [r for r in results["runs"] if r["stderr_tail"]]
     if failed:
         lines += ["", "## Errors (stderr tails)", ""]
@@ -763,6 +879,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tiny: a temp folder, removed)",
     )
     parser.add_argument("--device", default=None, help="default: cuda (--tiny: cpu)")
+    parser.add_argument(
+        "--no-dit", action="store_true", help="skip the FLUX.1 DiT benchmark (csa_dit.py)"
+    )
     return parser.parse_args(argv)
 
 
@@ -795,10 +914,14 @@ def run_all(
     deadline: float,
     t0: float,
     save: Any,
+    before: dict[str, Any] | None = None,
 ) -> None:
-    """Each run in order while the budget lasts; `save()` after each."""
-    stories, outs = work / "stories", {}
+    """Each run in order while the budget lasts; `save()` after each. `before[run id]()` runs
+    first when the loop reaches that run (whatever its status), or at the end."""
+    stories, outs, before = work / "stories", {}, dict(before or {})
     for run in runs:
+        if run.id in before:
+            before.pop(run.id)()
         if run.status != "not run":
             continue
         left = deadline - time.perf_counter()
@@ -829,6 +952,8 @@ def run_all(
             f"peak {fmt(m.get('peak_gib'))} GiB {run.note}",
         )
         save()
+    for step in before.values():
+        step()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -878,7 +1003,13 @@ def main(argv: list[str] | None = None) -> int:
             if run.variant == "fp16-vae" and not accepted:
                 run.status = "skipped"
                 run.note = "`storydiff validate` rejects a top-level `vae:` key"
-        run_all(runs, args, work, common, vae, deadline, t0, save)
+
+        def dit() -> None:
+            results["dit"] = run_dit(args, device, work, deadline, t0)
+            save()
+
+        hooks = {} if args.no_dit else {DIT_BEFORE: dit}
+        run_all(runs, args, work, common, vae, deadline, t0, save, hooks)
         json_path, md_path = save()
     finally:
         if temporary:
@@ -892,7 +1023,7 @@ def finish(results: dict[str, Any], runs: list[Run], t0: float) -> dict[str, Any
     """The summary of the runs so far, into `results`."""
     summary = comparisons(runs)
     results.update(summary)
-    results["targets"] = targets(runs, summary)
+    results["targets"] = targets(runs, summary) + dit_targets(results.get("dit"), results["meta"])
     results["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     return results
 

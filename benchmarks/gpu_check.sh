@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of issue 19 on the lent GPU machine (/work/shared/spec/gpu-machine.md), ≤ 6 min:
+# The GPU check of issues 19 (SDXL) and 22 (FLUX.1 DiT, benchmarks/csa_dit.py) on the lent GPU
+# machine (/work/shared/spec/gpu-machine.md), ≤ 6 min:
 # installs the wheels that machine lacks (diffusers, pydantic, …) from benchmarks/.whl/ when
 # they cannot be imported, puts the checkout and them on PYTHONPATH, and runs
 # benchmarks/gpu_check.py. Results go to $OUT (what the device tool brings back) when it is

@@ -5,7 +5,7 @@ Pure Python: importing this module never imports torch, so `validate` and `--hel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,9 @@ from typing import Any
 import yaml
 
 from storycli.errors import InvalidInput
+
+#: The model families (backbones) stage one runs.
+FAMILIES = ("sdxl", "flux")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ class ModelPreset:
     description: str = ""
     long_side: int | None = None
     vae: str | None = None  # replaces the model's VAE: hub id, folder or file (see `vae:`)
+    # "sdxl" or "flux": the backbone, known without looking at any weights (None: found out
+    # from the source, see `story.family`).
+    family: str | None = None
+    # Story values for the keys a story leaves out, over configs/defaults.yaml's (a story's
+    # own values win); validated as a story's when a story uses the preset (`story.loader`).
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 class Configs:
@@ -116,6 +125,17 @@ class Configs:
                 raise ConfigFileError(
                     f"{self.root / 'models.yaml'}: preset '{name}' needs a `source`"
                 )
+            family, defaults = entry.get("family"), entry.get("defaults") or {}
+            if family not in (None, *FAMILIES):
+                raise ConfigFileError(
+                    f"{self.root / 'models.yaml'}: preset '{name}' has family '{family}'; "
+                    f"use one of: {', '.join(FAMILIES)}"
+                )
+            if not isinstance(defaults, dict):
+                raise ConfigFileError(
+                    f"{self.root / 'models.yaml'}: preset '{name}': `defaults` must be a "
+                    "mapping of story keys to values"
+                )
             out[str(name)] = ModelPreset(
                 name=str(name),
                 source=str(entry["source"]),
@@ -123,5 +143,7 @@ class Configs:
                 description=" ".join(str(entry.get("description", "")).split()),
                 long_side=entry.get("long_side"),
                 vae=str(entry["vae"]) if entry.get("vae") else None,
+                family=family,
+                defaults=defaults,
             )
         return out

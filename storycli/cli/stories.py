@@ -89,7 +89,7 @@ def validate(
     results, failed = [], False
     for path in run_guarded(lambda: expand_stories(stories), 0):
         try:
-            plan = build_plan(load_story(path, configs), configs)
+            plan = build_plan(load_story(path, configs), configs, path.parent)
         except StoryError as exc:
             failed = True
             results.append({"file": str(path), "valid": False, "errors": exc.lines()})

@@ -111,16 +111,26 @@ def story_overrides(options: GenerateOptions) -> dict[str, Any]:
 
 
 def load_plan(story_path: Path, options: GenerateOptions, configs: Configs) -> Plan:
-    return build_plan(load_story(story_path, configs, story_overrides(options)), configs)
+    """The story's plan; what its model's family (known before loading: a preset's, a
+    folder's) cannot run is refused here, so `--dry-run` says so too."""
+    story = load_story(story_path, configs, story_overrides(options))
+    plan = build_plan(story, configs, story_path.parent)
+    check_family(plan, plan.family, options.compile)
+    return plan
 
 
 def model_warnings(plan: Plan, pipe: Any) -> list[str]:
     """Frames whose prompt the model's own tokenizer cuts. The plan already fits prompts to
     SDXL's CLIP vocabulary; another tokenizer (the tiny model's, a fine-tune's) may cut more.
-    SDXL's two tokenizers share vocabulary and length, so the first one speaks for both."""
+    SDXL's two tokenizers share vocabulary and length, so the first one speaks for both.
+    FLUX.1: its T5 (CLIP's pooled vector reads the first 77 tokens by design), unless the plan
+    has counted with that very tokenizer already (no warning about skipping it)."""
     from storycli.story.tokens import dropped_words
 
-    tokenizer = pipe.tokenizer or pipe.tokenizer_2
+    flux = type(pipe).__name__ == "FluxPipeline"
+    if flux and plan.family == "flux" and not any(w.loc == ("model",) for w in plan.warnings):
+        return []  # counted by the plan (`plan._flux_prompts` warns at `model` when it could not)
+    tokenizer = pipe.tokenizer_2 if flux else (pipe.tokenizer or pipe.tokenizer_2)
     out = []
     for frame in plan.frames:
         dropped = dropped_words(frame.prompt, tokenizer)

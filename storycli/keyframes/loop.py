@@ -265,7 +265,11 @@ def open_streams(state: CSAState, plan: Plan, forwards: list[Forward]) -> None:
                 seed=call.csa_seed,
                 character=call.character,
                 read_characters=read_characters(plan, call),
-                history_key=history_key(call.frames[0]) if history else None,
+                # Only a read call banks its own samples (`plan.history_before` lists read
+                # frames only); a key on write calls stopped two characters' shared write forward.
+                history_key=history_key(call.frames[0])
+                if history and call.phase == "read"
+                else None,
             )
             for call in forward.chunk.calls
         ]

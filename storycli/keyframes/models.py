@@ -7,7 +7,6 @@ by the `model_index.json` a folder or cached snapshot has (`model_family`), befo
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,13 @@ from typing import Any
 import torch
 
 from storycli.config import SCHEDULERS, Configs
+from storycli.keyframes.flux_files import (
+    flux_config_repo,
+    is_flux_transformer_file,
+    load_flux_transformer_file,
+)
 from storycli.story.checks import local_model_path, weights_identity
+from storycli.story.family import PIPELINE_FAMILIES, TINY_SOURCES, folder_family, index_family
 from storycli.weights.devices import (
     DTYPES,
     Offload,
@@ -83,33 +88,15 @@ class LoadedModel(ModelInfo):
     pipe: Any  # diffusers.StableDiffusionXLPipeline or FluxPipeline
 
 
-#: Built in-process (`weights.tiny`, `weights.tiny_flux`), by family.
-TINY_SOURCES = {"tiny": "sdxl", "tiny-flux": "flux"}
-#: `model_index.json`'s `_class_name` → family (anything else loads as SDXL, as before).
-PIPELINE_FAMILIES = {"FluxPipeline": "flux"}
-
-
-def index_family(model_index: Path) -> str:
-    """The family a diffusers folder's `model_index.json` names ("sdxl" unless FLUX)."""
-    try:
-        name = json.loads(model_index.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return "sdxl"  # the load itself says what is wrong with the folder
-    return PIPELINE_FAMILIES.get(str(name), "sdxl")
-
-
 def model_family(source: str) -> str | None:
     """ "sdxl" or "flux" for a resolved source (tiny preset, absolute path or hub id), without
-    loading it; None for a hub id whose snapshot is not cached (the load finds out)."""
-    if source in TINY_SOURCES:
-        return TINY_SOURCES[source]
+    loading it; None for a hub id whose snapshot is not cached (the load finds out). Folders,
+    snapshots and tiny models as the story's checks see them (`story.family.folder_family`)."""
     path = Path(source)
-    if path.is_absolute():
-        return index_family(path / "model_index.json") if path.is_dir() else "sdxl"
-    snapshot = cached_snapshot(source)
-    if snapshot is None or not (snapshot / "model_index.json").is_file():
-        return None
-    return index_family(snapshot / "model_index.json")
+    if path.is_absolute() and not path.is_dir():
+        # One file: a FLUX.1 transformer (.safetensors or .gguf, told by its header) or SDXL.
+        return "flux" if is_flux_transformer_file(path) else "sdxl"
+    return folder_family(source)
 
 
 def pipeline_class(family: str | None) -> Any:
@@ -144,6 +131,46 @@ def _load_single_file(path: Path, torch_dtype: torch.dtype) -> Any:
         )
 
 
+#: What a FLUX.1 transformer file needs of its config repo: all but the transformer's weights
+#: (the file has them) and the repo's own single files (BFL's transformer and autoencoder).
+FLUX_FILE_IGNORE = ["transformer/*.safetensors", "flux1-*.safetensors", "ae.safetensors"]
+
+
+def _load_flux_file(path: Path, torch_dtype: torch.dtype) -> Any:
+    """A FLUX.1 pipeline whose transformer is one .safetensors/.gguf file; its VAE, text
+    encoders, tokenizers, scheduler and transformer config from the hub repo `flux_config_repo`
+    names (dev's or schnell's), cache first."""
+    from diffusers import FluxPipeline
+    from huggingface_hub import snapshot_download
+
+    repo = flux_config_repo(path)
+    excluded = " ".join(f'"{p}"' for p in FLUX_FILE_IGNORE)
+    rest = HubWeights(
+        f"The rest of the FLUX.1 pipeline ({repo}) that transformer file {path.name} runs in",
+        repo,
+        f"{repo} --exclude {excluded}",
+        plural=True,
+    )
+    folder = Path(
+        from_hub(
+            lambda local_only: snapshot_download(
+                repo, ignore_patterns=FLUX_FILE_IGNORE, local_files_only=local_only
+            ),
+            rest,
+        )
+    )
+    transformer = load_flux_transformer_file(path, torch_dtype, folder)
+    try:
+        with quiet_loading():
+            # Passed in, the transformer is neither read from the folder nor cast: diffusers
+            # refuses to cast a GGUF-quantized model, whose compute dtype is set already.
+            return FluxPipeline.from_pretrained(
+                str(folder), transformer=transformer, dtype=torch_dtype, local_files_only=True
+            )
+    except load_errors() as exc:
+        raise rest.unavailable(exc, None) from exc
+
+
 def resolve_model(
     model: str,
     configs: Configs | None = None,
@@ -167,7 +194,8 @@ def resolve_model(
         source = str(local.resolve())
     elif source not in TINY_SOURCES:
         revision = hub_revision(source)
-    family = model_family(source)
+    # A preset's `family:` first, as the story's checks did (`story.family.story_family`).
+    family = preset.family if preset and preset.family else model_family(source)
     torch_dtype = resolve_dtype(dtype, device)
     if dtype == "auto" and family == "flux" and torch_dtype == torch.float16:
         torch_dtype = torch.bfloat16  # FLUX.1 is trained in bfloat16; float16 overflows
@@ -263,7 +291,9 @@ def load_pipeline(
             pipe = build_tiny_sdxl_pipeline(torch_dtype)
         elif Path(source).is_absolute():
             path = Path(source)
-            if path.is_file():
+            if path.is_file() and info.family == "flux":
+                pipe = _load_flux_file(path, torch_dtype)
+            elif path.is_file():
                 pipe = _load_single_file(path, torch_dtype)
             else:
                 variant = weights_variant(path, "fp16" if torch_dtype == torch.float16 else None)

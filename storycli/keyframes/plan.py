@@ -8,16 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from storycli.config import Configs, Style
 from storycli.consistency.consolidate import Consolidated, consolidated_frames
+from storycli.keyframes.t5_budget import T5Counter, t5_counter
 from storycli.saved_banks import read_meta
 from storycli.seeds import derive_seed
 from storycli.story.checks import story_warnings
+from storycli.story.family import story_family
 from storycli.story.loader import format_loc
 from storycli.story.schema import (
     NO_CHARACTER_TAG,
@@ -131,6 +133,9 @@ class Plan:
     banks: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     # IP-Adapter photos' contents, by the character each conditions (None: the story's own).
     photo_sha256: Mapping[str | None, str] = field(default_factory=dict)
+    # The model's family as known before loading ("sdxl", "flux"; None: a hub id not cached).
+    # Not in frame keys: the model's id already tells frames of different families apart.
+    family: str | None = None
 
     def dependencies(self, index: int) -> tuple[int, ...]:
         """Frames whose inputs shape this frame's pixels: its call's batch, the references it
@@ -273,16 +278,28 @@ def noise_draws(story: Story, batches: list[tuple[int, ...]]) -> dict[int, tuple
     return out
 
 
-def build_plan(story: Story, configs: Configs | None = None) -> Plan:
-    """Resolve prompts, pick each character's references and order the pipeline calls."""
+def build_plan(story: Story, configs: Configs | None = None, base_dir: Path | None = None) -> Plan:
+    """Resolve prompts, pick each character's references and order the pipeline calls.
+
+    `base_dir` (the story file's folder; default: the working folder) resolves a relative
+    `model:` path, whose family sets the prompt budget: SDXL's CLIP 77 tokens (prompts trimmed
+    to fit), FLUX.1's T5 (`_flux_prompts`)."""
     configs = configs or Configs()
     style = configs.styles[story.style] if story.style else None
     negative = _negative_prompt(story, style)
     groups = _reference_groups(story)
     references = groups if story.uses_csa else {}
-    warnings = _plan_warnings(story, negative)
+    family = story_family(story.model, configs, base_dir or Path.cwd())
+    warnings = _plan_warnings(story, negative, family)
     consolidated = _consolidated(story, style)
-    frames = _plan_frames(story, style, negative, groups, references, consolidated, warnings)
+    if family == "flux":
+        fit = _flux_prompts(story, style, configs, base_dir or Path.cwd(), warnings)
+    else:
+
+        def fit(expanded: str, characters: tuple[str, ...], i: int) -> str:
+            return _fitted_prompt(expanded, style, story.style, characters, i, warnings)
+
+    frames = _plan_frames(story, fit, negative, groups, references, consolidated, warnings)
     calls = _order_calls(story, groups, frames)
     banks = {
         name: (folder, read_meta(Path(folder))["digest"]) for name, folder in story.banks().items()
@@ -296,6 +313,7 @@ def build_plan(story: Story, configs: Configs | None = None) -> Plan:
         consolidated,
         banks,
         {owner: _file_sha256(adapter.image) for owner, adapter in story.photos()},
+        family,
     )
 
 
@@ -323,10 +341,11 @@ def _reference_groups(story: Story) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _plan_warnings(story: Story, negative: str) -> list[PlanWarning]:
-    """The story's own warnings, then a negative prompt the text encoder would cut."""
+def _plan_warnings(story: Story, negative: str, family: str | None) -> list[PlanWarning]:
+    """The story's own warnings, then a negative prompt the text encoder would cut (FLUX.1
+    reads no negative prompt)."""
     warnings = [PlanWarning(loc, message) for loc, message in story_warnings(story)]
-    if (cut := encoder_cut(negative)) is not None:
+    if family != "flux" and (cut := encoder_cut(negative)) is not None:
         warnings.append(
             PlanWarning(
                 ("negative",),
@@ -347,9 +366,13 @@ def _consolidated(story: Story, style: Style | None) -> dict[int, Consolidated]:
     )
 
 
+#: A frame's expanded prompt → its planned prompt (given its characters and index).
+Fit = Callable[[str, tuple[str, ...], int], str]
+
+
 def _plan_frames(
     story: Story,
-    style: Style | None,
+    fit: Fit,
     negative: str,
     groups: dict[str, tuple[int, ...]],
     references: dict[str, tuple[int, ...]],
@@ -370,9 +393,7 @@ def _plan_frames(
         else:
             if spec.prompt not in expanded:
                 expanded[spec.prompt] = expand_prompt(story, spec.prompt)
-            prompt = _fitted_prompt(
-                expanded[spec.prompt], style, story.style, characters, i, warnings
-            )
+            prompt = fit(expanded[spec.prompt], characters, i)
         frames.append(
             PlannedFrame(
                 index=i,
@@ -429,6 +450,45 @@ def _fitted_prompt(
     if fitted.dropped is not None:
         warnings.append(PlanWarning(("frames", i), _over_budget(fitted, characters, style_name)))
     return fitted.prompt
+
+
+def _flux_prompts(
+    story: Story,
+    style: Style | None,
+    configs: Configs,
+    base_dir: Path,
+    warnings: list[PlanWarning],
+) -> Fit:
+    """FLUX.1's prompts: in their style, never trimmed (T5 reads hundreds of tokens; CLIP's
+    pooled vector reads the first 77, as it is meant to), counted against the T5 budget with
+    the model's own T5 tokenizer where one is on disk (`t5_budget`), else one warning that the
+    count is skipped."""
+    counter = t5_counter(story.model, configs, base_dir)
+    if counter is None:
+        warnings.append(
+            PlanWarning(
+                ("model",),
+                f"no T5 tokenizer of '{story.model}' is on disk before loading, so prompts are "
+                "not counted against FLUX.1's T5 budget (the T5 count is skipped); they are "
+                "not trimmed",
+            )
+        )
+
+    def fit(expanded: str, characters: tuple[str, ...], i: int) -> str:
+        prompt = style.apply(expanded) if style else expanded
+        if counter is not None and (cut := counter.cut(prompt)) is not None:
+            warnings.append(PlanWarning(("frames", i), _over_t5(counter, prompt, cut, characters)))
+        return prompt
+
+    return fit
+
+
+def _over_t5(counter: T5Counter, prompt: str, cut: str, characters: tuple[str, ...]) -> str:
+    fix = "shorten the frame or its character description" if characters else "shorten it"
+    return (
+        f"prompt is {counter.count(prompt)} T5 tokens, over FLUX.1's T5 budget of "
+        f'{counter.budget}: T5 drops "{quote(cut)}"; {fix}'
+    )
 
 
 def _frame_role(story: Story, characters: tuple[str, ...], is_reference: bool) -> Role:

@@ -127,6 +127,6 @@ def check_story_text(
         path = Path(folder) / file_name
         path.write_text(text, encoding="utf-8")
         try:
-            build_plan(load_story(path, configs), configs)
+            build_plan(load_story(path, configs), configs, path.parent)
         except StoryError as exc:
             raise StoryError(file_name, exc.issues) from None

@@ -25,7 +25,9 @@ from storycli.story.schema import (
     single_character_frames,
 )
 
-MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# Single-file checkpoints: SDXL's .safetensors/.ckpt; a FLUX.1 transformer also as GGUF.
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
+VAE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def is_model_path(model: str) -> bool:
@@ -62,7 +64,7 @@ def check_vae(vae: str, base_dir: Path) -> str | None:
             return f"VAE file or folder '{vae}' does not exist (looked at {path}); fix the path"
         if path.is_dir() and not (path / "config.json").is_file():
             return f"'{vae}' is a folder without config.json, not a diffusers VAE folder"
-        if path.is_file() and not path.name.lower().endswith(MODEL_FILE_SUFFIXES):
+        if path.is_file() and not path.name.lower().endswith(VAE_FILE_SUFFIXES):
             return f"'{vae}' is a file but not a .safetensors or .ckpt VAE"
         return None
     if re.fullmatch(r"[\w.-]+/[\w.-]+", vae):
@@ -87,7 +89,7 @@ def check_model(model: str, configs: Configs, base_dir: Path) -> str | None:
         if path.is_dir() and not (path / "model_index.json").exists():
             return f"'{model}' is a folder without model_index.json, not a diffusers model folder"
         if path.is_file() and not path.name.lower().endswith(MODEL_FILE_SUFFIXES):
-            return f"'{model}' is a file but not a .safetensors or .ckpt checkpoint"
+            return f"'{model}' is a file but not a .safetensors, .ckpt or .gguf checkpoint"
         return None
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         return None  # a hub id; whether it is cached is known only when loading

@@ -17,8 +17,9 @@ from pydantic import (
     ValidationError,
 )
 
-from storycli.config import ConfigFileError, Configs
+from storycli.config import ConfigFileError, Configs, ModelPreset
 from storycli.story.checks import adapter_source, check_story, picture_path
+from storycli.story.family import family_refusals, story_family
 from storycli.story.files import MAX_STORY_BYTES, FileRefused, decode_story, read_limited
 from storycli.story.schema import MAX_NAME_CHARS, CharacterSpec, IPAdapter, Loc, Story
 
@@ -284,6 +285,11 @@ def load_story(
     data = source.parse()
     try:
         defaults = configs.defaults
+        model = {**defaults, **data, **(overrides or {})}.get("model")
+        preset = configs.presets.get(model) if isinstance(model, str) else None
+        if preset is not None and preset.defaults:
+            # defaults.yaml < the preset's defaults < the story < the command line.
+            defaults = _deep_merge(defaults, preset_defaults(preset, defaults, configs))
     except ConfigFileError as exc:
         raise StoryError(path, [StoryIssue((), f"configuration problem: {exc}")]) from None
     # The default name is the file's stem, made safe for a folder name.
@@ -311,9 +317,51 @@ def load_story(
             error.issues.insert(0, StoryIssue(("name",), message))
         raise error from None
     problems = check_story(story, configs, base_dir=path.parent)
+    if not problems:
+        # What the model's family cannot run yet, when the family is known before loading.
+        family = story_family(story.model, configs, path.parent)
+        problems = family_refusals(family, story)
     if problems:
         raise source.error(problems, overrides or ())
     return with_absolute_pictures(story, path.parent)
+
+
+#: Keys a preset's `defaults` may not set: what names the story and its content, not settings.
+NOT_PRESET_DEFAULTS = (
+    "name",
+    "model",
+    "frames",
+    "identity",
+    "characters",
+    "start_image",
+    "ip_adapter",
+)
+
+
+def preset_defaults(
+    preset: ModelPreset, defaults: dict[str, Any], configs: Configs
+) -> dict[str, Any]:
+    """A preset's `defaults`, checked as strictly as a story's keys (unknown keys, types,
+    limits); raises `ConfigFileError` naming models.yaml, the preset and the key."""
+    where = f"{configs.root / 'models.yaml'}: preset '{preset.name}' defaults"
+    for key in preset.defaults:
+        if key in NOT_PRESET_DEFAULTS:
+            raise ConfigFileError(
+                f"{where}.{key}: a preset's defaults hold settings (steps, guidance, ...), not "
+                f"{', '.join(NOT_PRESET_DEFAULTS)}"
+            )
+    # Validated inside a minimal story, so each key meets the schema a story's key does.
+    probe = _deep_merge(defaults, preset.defaults) | {
+        "name": "preset",
+        "model": preset.name,
+        "frames": ["a frame"],
+    }
+    try:
+        Story.model_validate(probe)
+    except ValidationError as exc:
+        loc, message = _union_issues(exc.errors(include_url=False))[0]
+        raise ConfigFileError(f"{where}.{format_loc(loc)}: {message}") from None
+    return preset.defaults
 
 
 def with_absolute_pictures(story: Story, base_dir: Path) -> Story:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from storycli.errors import RuntimeProblem
+from storycli.story.family import cached_snapshot  # its home is the story's family lookup
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +70,6 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
-
-
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The folder of `repo_id`'s cached snapshot (the commit refs/main names), or None."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
-    try:
-        commit = (storage / "refs" / "main").read_text().strip()
-    except OSError:
-        return None
-    folder = storage / "snapshots" / commit
-    return folder if commit and folder.is_dir() else None
 
 
 def hub_revision(repo_id: str, filename: str = "model_index.json") -> str | None:

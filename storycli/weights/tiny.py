@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from storycli.story.tokens import bytes_to_unicode
+from storycli.weights.tiny_words import WORDS
 
 if TYPE_CHECKING:
     import diffusers
@@ -50,37 +51,6 @@ _NUM_MERGES = 240
 _TE_HIDDEN = 32
 _TE_PROJECTION = 32
 _TIME_EMBED_DIM = 8
-
-# A fixed corpus for learning the BPE merges; order matters only for reproducibility.
-_CORPUS = """
-    a an the and or of in on at to from with by for over under into onto through behind
-    beside between near far above below inside outside is are was were be been being has
-    have had do does did will would can could should may might must this that these those
-    he she it they we you i his her its their our your my me him them us who what where
-    when why how which there here then than very more most some many few all every each
-    one two three four five first last next new old young little big small tall short long
-    happy sad angry calm brave quiet loud bright dark light warm cold soft hard red blue
-    green yellow orange purple pink black white gray brown golden silver wooden stone
-    photo picture image portrait painting drawing illustration sketch scene view shot
-    close wide cinematic detailed realistic style art artwork digital watercolor anime
-    cartoon comic oil colorful vivid dramatic lighting sunlight moonlight shadow glow
-    cat cats dog dogs bird birds horse fox wolf bear rabbit mouse dragon fish owl lion
-    girl boy woman women man men child children baby friend family king queen prince
-    princess knight wizard witch robot hero teacher farmer sailor pirate soldier doctor
-    face eyes hair hand hands smile dress coat hat boots cloak sword shield book lamp
-    house home room door window table chair bed kitchen garden street road bridge city
-    town village castle tower school market shop forest tree trees flower flowers grass
-    river lake sea ocean beach mountain mountains hill valley field desert snow rain
-    storm cloud clouds sky sun moon star stars night morning evening day winter summer
-    spring autumn fire water wind earth ship boat train car bike
-    walking running sitting standing looking holding reading writing playing flying
-    swimming sleeping eating talking smiling crying laughing dancing singing fighting
-    opens walks runs sits stands looks holds reads finds meets sees says goes comes takes
-    gives makes plays flies swims sleeps eats talks smiles cries laughs waits returns
-    together alone again away back down up out off around along across toward story
-    chapter end beginning adventure journey dream magic secret treasure map letter gift
-"""
-WORDS: tuple[str, ...] = tuple(_CORPUS.split())
 
 
 def _learn_merges(words: tuple[str, ...], num_merges: int) -> list[tuple[str, str]]:

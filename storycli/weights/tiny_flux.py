@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from storycli.weights.tiny import TINY_SEED, WORDS, build_tokenizer, text_encoder_config
+from storycli.weights.tiny import TINY_SEED, build_tokenizer, text_encoder_config
+from storycli.weights.tiny_words import TINY_T5_LENGTH, t5_unigram
 
 if TYPE_CHECKING:
     import diffusers
     import transformers
 
-#: The tiny T5's sequence budget (FLUX.1-schnell's real one is 256, dev's 512).
-TINY_T5_LENGTH = 64
 #: Downsampling factor of the tiny VAE (two blocks); packing 2×2 patches doubles it.
 TINY_FLUX_VAE_SCALE_FACTOR = 2
 
@@ -31,33 +30,14 @@ _HEADS = 2
 _HEAD_DIM = 16  # = sum of the RoPE axes below
 _ROPE_AXES = (4, 6, 6)
 _LATENT_CHANNELS = 16  # as FLUX.1's VAE
-_SPECIAL = ("<pad>", "</s>", "<unk>")
-_MARK = "\u2581"  # sentencepiece's word-start mark
 
 
 def build_t5_tokenizer() -> transformers.T5TokenizerFast:
-    """A small T5-style Unigram tokenizer built in code: the word list (each word with its
-    word-start mark), every lowercase letter, digit and common punctuation mark alone and
-    marked, `<unk>` for anything else; `</s>` appended, `<pad>` padding, as T5's."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import Unigram
+    """A small T5-style Unigram tokenizer built in code (`tiny_words.t5_unigram`) as a
+    `T5TokenizerFast`, so it saves and loads as tokenizer.json like the real one."""
     from transformers import T5TokenizerFast
 
-    singles = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()#[]"
-    pieces = [_MARK + w for w in WORDS] + [_MARK + c for c in singles] + list(singles) + [_MARK]
-    vocab = [(token, 0.0) for token in _SPECIAL]
-    seen = set(_SPECIAL)
-    for piece in pieces:
-        if piece not in seen:
-            seen.add(piece)
-            # Longer pieces score higher, so whole words win over spelling them out.
-            vocab.append((piece, -10.0 + len(piece)))
-    tok = Tokenizer(Unigram(vocab, unk_id=_SPECIAL.index("<unk>"), byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_MARK, prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement=_MARK, prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
+    tok = t5_unigram()
     return T5TokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

@@ -3,40 +3,24 @@ logic on made-up runs, the model folder it builds (at a small width), and its sh
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import BENCHMARKS, load_script, run_tiny
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPT = BENCHMARKS / "gpu_check.py"
 SHELL_SCRIPTS = [BENCHMARKS / "gpu_check.sh", BENCHMARKS / "gpu_wheels.sh"]
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules["gpu_check"]
-    return module
+    return load_script(SCRIPT, "gpu_check")
 
 
 @pytest.fixture(scope="module")
 def tiny_check(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("gpu-check")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_tiny(SCRIPT, out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (json_path,) = out.glob("gpu-check-tiny-*.json")
     (md_path,) = out.glob("gpu-check-tiny-*.md")
@@ -85,6 +69,12 @@ def test_tiny_check_records_both_methods_and_ratios(tiny_check: tuple[dict, str]
     assert targets["denoising time, two_friends: CSA / stock"]["measured"] == pair["denoise"]
     peak = targets["story peak, default VAE (largest of the eager runs)"]
     assert peak["met"] is None and "CPU RSS" in peak["detail"]  # no GPU number from a CPU
+
+    # Issue 22's FLUX.1 DiT benchmark ran (tiny) before the fp16-VAE pair; no verdicts here.
+    dit = results["dit"]
+    assert dit["status"] == "ok" and dit["results"]["meta"]["tiny"] is True
+    dit_rows = [t for t in results["targets"] if t["target"].startswith("FLUX.1 DiT")]
+    assert len(dit_rows) == 3 and all(t["measured"] and t["met"] is None for t in dit_rows)
 
 
 def test_tiny_check_writes_the_markdown_table(tiny_check: tuple[dict, str]) -> None:

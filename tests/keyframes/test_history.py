@@ -108,3 +108,24 @@ def test_history_needs_csa_in_reference_mode(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(data))
     result = run_cli("validate", path, code=2)
     assert "consistency.history" in result.stderr and "reference mode" in result.stderr
+
+
+def test_history_with_two_characters_and_nc_frames_renders(tmp_path: Path) -> None:
+    """Two characters' references share the write forward and `[NC]` frames share a plain
+    one: only read calls bank history (a history key on every call refused those forwards)."""
+    data = yaml.safe_load(story(tmp_path, "pair", 1).read_text(encoding="utf-8"))
+    del data["identity"]
+    data["characters"] = {"Ann": "a woman with red hair", "Bob": "a man with a hat"}
+    data["frames"] = [
+        "[Ann] walks",
+        "[Bob] reads",
+        "[Ann] drinks tea",
+        "[NC] an empty street",
+        "[Bob] sings",
+        "[NC] a quiet harbour",
+        "[Ann] dances",
+    ]
+    path = tmp_path / "pair.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    run_cli("generate", path, "--out", tmp_path / "out", "--frame-batch", "2")
+    assert len(list((tmp_path / "out" / "pair").glob("frame_0*.png"))) == 7

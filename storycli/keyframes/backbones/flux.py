@@ -17,7 +17,6 @@ window mode, `--compile`.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -28,14 +27,13 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from PIL import Image, ImageOps
 
+from storycli.consistency.csa_dit import dit_csa_layers, installed_dit_csa
 from storycli.consistency.csa_state import CSAState, LayerInfo
 from storycli.consistency.ip_adapter import Photos
 from storycli.keyframes.backbones.support import flux_refusal
 from storycli.keyframes.plan import Plan, PlannedFrame
 from storycli.keyframes.schedule import RenderSize
-
-#: T5's longest prompt in FLUX (the pipeline refuses more).
-MAX_T5_TOKENS = 512
+from storycli.keyframes.t5_budget import MAX_T5_TOKENS  # the plan counts against the same
 
 
 @dataclass
@@ -60,16 +58,6 @@ def calculate_shift(
     `pipeline_flux.calculate_shift`; not imported: that module pulls in image processors)."""
     slope = (max_shift - base_shift) / (max_tokens - base_tokens)
     return tokens * slope + base_shift - slope * base_tokens
-
-
-def csa_dit() -> Any | None:
-    """CSA's DiT half (`consistency/csa_dit.py`) when it exposes what the backbone calls."""
-    try:
-        module = importlib.import_module("storycli.consistency.csa_dit")
-    except ImportError:
-        return None
-    needed = ("dit_csa_layers", "installed_dit_csa")
-    return module if all(hasattr(module, name) for name in needed) else None
 
 
 class FluxBackbone:
@@ -300,10 +288,10 @@ class FluxBackbone:
     # -- Consistent Self-Attention -----------------------------------------------------------
 
     def csa_layers(self, blocks: Sequence[str]) -> list[LayerInfo]:
-        return _csa_dit_module().dit_csa_layers(self.transformer, blocks)
+        return dit_csa_layers(self.transformer, blocks)
 
     def installed_csa(self, state: CSAState) -> AbstractContextManager[Any]:
-        return _csa_dit_module().installed_dit_csa(self.transformer, state)
+        return installed_dit_csa(self.transformer, state)
 
     def windowed(
         self, state: CSAState, frames: int, window: int, stride: int
@@ -314,13 +302,3 @@ class FluxBackbone:
 
     def compiled(self, backend: str) -> AbstractContextManager[None]:
         raise NotImplementedError("--compile is not supported on FLUX.1 yet; run without it")
-
-
-def _csa_dit_module() -> Any:
-    module = csa_dit()
-    if module is None:
-        raise NotImplementedError(
-            "consistency.method: storydiffusion is not supported on FLUX.1 yet; use "
-            "`consistency: {method: none}`"
-        )
-    return module

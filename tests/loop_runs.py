@@ -1,0 +1,35 @@
+"""Running the story loop from the tests: a story written, planned at the tiny preset's size, and
+its frames collected as `generate_keyframes` hands them over."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cli_runs import write_story
+from PIL import Image
+
+from storycli.config import Configs
+from storycli.keyframes.loop import generate_keyframes
+from storycli.keyframes.plan import Plan, build_plan
+from storycli.keyframes.schedule import RenderSize, render_size
+from storycli.story.loader import load_story
+
+
+def plan_story(path: Path, story: dict[str, Any], preset: str) -> tuple[Plan, RenderSize]:
+    """Write `story` to `path` and plan it at `preset`'s render size."""
+    configs = Configs()
+    plan = build_plan(load_story(write_story(path, story), configs), configs)
+    return plan, render_size(plan, configs.presets[preset].long_side)
+
+
+def run_loop(pipe: Any, plan: Plan, size: RenderSize, **kwargs: Any) -> dict[int, np.ndarray]:
+    """Every frame of `plan` through the story loop: frame index → its pixels."""
+    out: dict[int, np.ndarray] = {}
+
+    def on_frame(index: int, image: Image.Image, _seconds: float) -> None:
+        out[index] = np.asarray(image).copy()
+
+    generate_keyframes(pipe, plan, range(len(plan.frames)), size, on_frame, **kwargs)
+    return out
