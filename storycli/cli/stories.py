@@ -234,7 +234,7 @@ def generate(
         bool,
         Flag(
             "--compile",
-            help="torch.compile the UNet: the first steps of each new batch shape compile "
+            help="torch.compile the UNet (FLUX.1: the transformer): the first step compiles "
             "(minutes), later steps run faster. Worth it for long stories on a GPU.",
             rich_help_panel="Hardware",
         ),

@@ -36,7 +36,7 @@ class GenerateOptions:
     vae_slicing: bool = False
     vae_tiling: bool = False
     overwrite: bool = False
-    compile: bool = False  # torch.compile the UNet (slow first steps, faster after)
+    compile: bool = False  # torch.compile the UNet's/transformer's blocks (slow first step)
     frame_batch: int | None = None  # read/plain frames per UNet forward (None: per device)
     decode_batch: int = 1  # frames the VAE decodes at once (each adds its activations to the peak)
     checkpoint_every: int | None = None  # steps between loop checkpoints (None: a few minutes)
@@ -115,7 +115,7 @@ def load_plan(story_path: Path, options: GenerateOptions, configs: Configs) -> P
     folder's) cannot run is refused here, so `--dry-run` says so too."""
     story = load_story(story_path, configs, story_overrides(options))
     plan = build_plan(story, configs, story_path.parent)
-    check_family(plan, plan.family, options.compile)
+    check_family(plan, plan.family)
     return plan
 
 
@@ -146,12 +146,12 @@ class NotOnThisModel(InvalidInput):
     """A story feature the model's family cannot run yet (FLUX.1: see `backbones.flux`)."""
 
 
-def check_family(plan: Plan, family: str | None, compile_: bool) -> None:
+def check_family(plan: Plan, family: str | None) -> None:
     """Refuse, in one line, what the model's family cannot run yet (None: not known before
     the load; checked again after it)."""
     from storycli.keyframes.backbones.support import refusal
 
-    problem = refusal(family, plan.story, compile_) if family is not None else None
+    problem = refusal(family, plan.story) if family is not None else None
     if problem is not None:
         raise NotOnThisModel(problem)
 
@@ -344,7 +344,7 @@ def _resolve_model(job: _Job) -> None:
     story = job.plan.story
     job.info = resolve_model(story.model, job.configs, job.story_path.parent, **job.load_options())
     job.size = render_size(job.plan, job.info.long_side)
-    check_family(job.plan, job.info.family, job.options.compile)
+    check_family(job.plan, job.info.family)
     check_saved_banks(job.plan, job.info.model_id, job.dimensions)
     job.frame_batch = job.options.frame_batch or default_frame_batch(
         job.info.device.partition(":")[0]
@@ -378,7 +378,7 @@ def _load_model(job: _Job, models: Any) -> tuple[LoadedModel | None, bool]:
         vae_tiling=job.options.vae_tiling,
         **job.load_options(),
     )
-    check_family(job.plan, loaded.family, job.options.compile)  # a hub id's, known only now
+    check_family(job.plan, loaded.family)  # a hub id's, known only now
     if loaded.describe() != job.info.describe():  # the load downloaded: a revision is known
         job.info = loaded
         _prepare_run(job)

@@ -116,13 +116,6 @@ def flux_refusals(story: Story) -> list[tuple[Loc, str]]:
         out.append(
             (("freeu",), "FreeU is a UNet feature, not FLUX.1's; remove `freeu:` from the story")
         )
-    if story.uses_csa and story.consistency.mode == "window":
-        out.append(
-            (
-                ("consistency", "mode"),
-                "window is not supported on FLUX.1 yet; use `mode: reference` " + _SDXL_INSTEAD,
-            )
-        )
     return out
 
 

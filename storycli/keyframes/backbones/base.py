@@ -13,8 +13,8 @@ loop needs of SDXL and FLUX.1, nothing more.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -161,3 +161,27 @@ class Backbone(Protocol):
     def compiled(self, backend: str) -> AbstractContextManager[None]:
         """The network's repeated blocks `torch.compile`d for the duration."""
         ...
+
+
+@contextmanager
+def compiled_blocks(model: torch.nn.Module, backend: str = "inductor") -> Iterator[None]:
+    """Regional compilation: `torch.compile` each repeated block of the network (diffusers'
+    `compile_repeated_blocks`, where the model declares `_repeated_blocks`: SDXL's UNet its
+    transformer blocks, FLUX.1's transformer its double- and single-stream blocks), not the
+    whole network.
+
+    Blocks of one kind share their compiled code, so compiling costs one block's graphs rather
+    than the network's, and `dynamic=True` keeps the batch size symbolic: the story loop's
+    forwards of different sizes (write, read chunks, the last short chunk) reuse one graph
+    instead of recompiling each. CSA's processors run eagerly inside (`torch.compiler.disable`):
+    the norms, projections and feed-forward around them are what gets fused. Undone on exit,
+    so a pipeline reused for the next story runs eagerly unless that one compiles too."""
+    names = tuple(getattr(model, "_repeated_blocks", None) or ("BasicTransformerBlock",))
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile(backend=backend, dynamic=True)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None

@@ -10,15 +10,16 @@ token count (`calculate_shift`, `mu`); no classifier-free guidance (FLUX.1 is gu
 distilled: dev embeds `guidance` instead, schnell takes none); decoding unpacks and undoes the
 VAE's scale and shift.
 
-CSA goes in through its DiT half (`consistency/csa_dit.py`). What does not carry over to FLUX
-yet is refused before loading (`support.flux_refusal`): IP-Adapter photos, 1Prompt1Story, FreeU,
-window mode, `--compile`.
+CSA goes in through its DiT half (`consistency/csa_dit.py`), window mode too
+(`windowed_transformer`). What does not carry over to FLUX yet is refused before loading
+(`support.flux_refusal`): IP-Adapter photos, 1Prompt1Story, FreeU. `--compile` compiles the
+transformer's repeated blocks as on SDXL (`base.compiled_blocks`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,11 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from PIL import Image, ImageOps
 
+from storycli.consistency.csa import window_starts
 from storycli.consistency.csa_dit import dit_csa_layers, installed_dit_csa
 from storycli.consistency.csa_state import CSAState, LayerInfo
 from storycli.consistency.ip_adapter import Photos
+from storycli.keyframes.backbones.base import compiled_blocks
 from storycli.keyframes.backbones.support import flux_refusal
 from storycli.keyframes.plan import Plan, PlannedFrame
 from storycli.keyframes.schedule import RenderSize
@@ -58,6 +61,68 @@ def calculate_shift(
     `pipeline_flux.calculate_shift`; not imported: that module pulls in image processors)."""
     slope = (max_shift - base_shift) / (max_tokens - base_tokens)
     return tokens * slope + base_shift - slope * base_tokens
+
+
+#: The transformer's inputs with one entry per row (batch first); the position ids
+#: (`img_ids`, `txt_ids`) are per token, shared by every row, and pass whole.
+_PER_ROW = ("encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+
+
+@contextmanager
+def windowed_transformer(
+    transformer: torch.nn.Module, state: CSAState, frames: int, window: int, stride: int
+) -> Iterator[None]:
+    """Sliding-window CSA on FLUX.1, as `sdxl.windowed_unet` on the UNet (the paper's
+    Algorithm 1 at the level of the transformer call).
+
+    While active, a transformer call on all `frames` frames' packed latents (times CFG groups,
+    where used) runs as one forward per window of `window` consecutive frames, each frame's
+    image queries attending to samples from its window (`csa_dit`'s window phase); a frame's
+    prediction is the mean over the windows that cover it. The forward hooks of
+    `installed_dit_csa` run once around the whole call (one step); `begin_window` draws each
+    window's samples. Activations exist for one window at a time, so peak memory does not grow
+    with the story's length.
+    """
+    original = transformer.forward
+    patched = "forward" in vars(transformer)  # e.g. offload hooks: restore that, not the class's
+    starts = window_starts(frames, window, stride)
+    size = min(window, frames)
+
+    def forward(hidden_states: torch.Tensor, **kwargs: Any) -> Any:
+        batch = hidden_states.shape[0]
+        groups = batch // frames
+        return_dict = kwargs.pop("return_dict", True)
+        total = torch.zeros_like(hidden_states)
+        covered = torch.zeros(frames, dtype=hidden_states.dtype, device=hidden_states.device)
+        for start in starts:
+            rows = torch.tensor(
+                [g * frames + start + j for g in range(groups) for j in range(size)],
+                device=hidden_states.device,
+            )
+            # Named, not guessed by size: a token count (the ids' first axis) may equal the batch.
+            picked = {
+                k: v[rows] if k in _PER_ROW and isinstance(v, torch.Tensor) and v.ndim else v
+                for k, v in kwargs.items()
+            }
+            state.begin_window(size)
+            out = original(hidden_states[rows], return_dict=False, **picked)[0]
+            total[rows] += out
+            covered[start : start + size] += 1
+        result = total / covered.repeat(groups).view(-1, *([1] * (hidden_states.ndim - 1)))
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=result)
+        return (result,)
+
+    transformer.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if patched:
+            transformer.forward = original  # type: ignore[method-assign]
+        else:
+            del transformer.forward  # back to the class's method
 
 
 class FluxBackbone:
@@ -296,9 +361,9 @@ class FluxBackbone:
     def windowed(
         self, state: CSAState, frames: int, window: int, stride: int
     ) -> AbstractContextManager[None]:
-        raise NotImplementedError(
-            "consistency.mode: window is not supported on FLUX.1 yet; use `mode: reference`"
-        )
+        return windowed_transformer(self.transformer, state, frames, window, stride)
 
     def compiled(self, backend: str) -> AbstractContextManager[None]:
-        raise NotImplementedError("--compile is not supported on FLUX.1 yet; run without it")
+        # Regional, as on SDXL: the 19 double- and 38 single-stream blocks share two compiled
+        # kinds; CSA's DiT processor stays eager inside them (`torch.compiler.disable`).
+        return compiled_blocks(self.transformer, backend)

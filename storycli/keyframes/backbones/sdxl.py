@@ -29,6 +29,7 @@ from storycli.consistency.csa import ConsistentSelfAttnProcessor, window_starts
 from storycli.consistency.csa_state import CSAState, LayerInfo
 from storycli.consistency.ip_adapter import Photos
 from storycli.consistency.one_prompt import one_prompt_conditioning
+from storycli.keyframes.backbones.base import compiled_blocks
 from storycli.keyframes.plan import Plan, PlannedFrame
 from storycli.keyframes.schedule import RenderSize
 
@@ -481,25 +482,3 @@ def windowed_unet(
             unet.forward = original  # type: ignore[method-assign]
         else:
             del unet.forward  # back to the class's method
-
-
-@contextmanager
-def compiled_blocks(unet: torch.nn.Module, backend: str = "inductor") -> Iterator[None]:
-    """Regional compilation: `torch.compile` each transformer block of the UNet (diffusers'
-    `compile_repeated_blocks`, where the model declares `_repeated_blocks`), not the whole UNet.
-
-    Blocks of one kind share their compiled code, so compiling costs one block's graphs rather
-    than the UNet's, and `dynamic=True` keeps the batch size symbolic: the story loop's
-    forwards of different sizes (write, read chunks, the last short chunk) reuse one graph
-    instead of recompiling each. CSA's processor runs eagerly inside (`torch.compiler.disable`):
-    the norms, cross-attention and feed-forward around it are what gets fused. Undone on exit,
-    so a pipeline reused for the next story runs eagerly unless that one compiles too."""
-    names = tuple(getattr(unet, "_repeated_blocks", None) or ("BasicTransformerBlock",))
-    blocks = [m for m in unet.modules() if type(m).__name__ in names]
-    for block in blocks:
-        block.compile(backend=backend, dynamic=True)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            block._compiled_call_impl = None

@@ -3,9 +3,9 @@
 The story's own refusals live with the story (`story.family.flux_refusals`: `validate` and
 `--dry-run` report them when the family is known from a preset or folder); `keyframes.generate`
 asks `refusal` as soon as the story's model is resolved (and again after a hub id's first load,
-when its family is known only then), adding what only the command line says (`--compile`), so a
-story with a feature FLUX.1 cannot run yet stops with one line naming the field and the fix,
-before the slow load.
+when its family is known only then), so a story with a feature FLUX.1 cannot run yet stops with
+one line naming the field and the fix, before the slow load. (No command-line option is refused:
+`--compile` runs on FLUX.1 as on SDXL.)
 """
 
 from __future__ import annotations
@@ -19,17 +19,15 @@ if TYPE_CHECKING:
     from storycli.story.schema import Story
 
 
-def flux_refusal(story: Story, compile_: bool = False) -> str | None:
+def flux_refusal(story: Story) -> str | None:
     """The first of the story's features FLUX.1 cannot run yet, as one line naming the story
     field and the fix; None when it can run."""
     for loc, message in flux_refusals(story)[:1]:
         return f"{format_loc(loc)}: {message}"
-    if compile_:
-        return "--compile is not supported on FLUX.1 yet; run without --compile"
     return None
 
 
-def refusal(family: str, story: Story, compile_: bool = False) -> str | None:
+def refusal(family: str, story: Story) -> str | None:
     """One line naming the story field (and the fix) a model `family` cannot run yet, or None
     (SDXL runs everything)."""
-    return flux_refusal(story, compile_) if family == "flux" else None
+    return flux_refusal(story) if family == "flux" else None
