@@ -75,14 +75,16 @@ def animate(
         typer.Option(
             callback=choice("--decoder", DECODERS),
             help="crossfade (pixel blend, no model), latent-slerp (SDXL VAE latents), "
-            "animatediff (SD1.5 + AnimateDiff + SparseCtrl + IP-Adapter, uses the predictor).",
+            "animatediff (SD1.5 + AnimateDiff + SparseCtrl + IP-Adapter, uses the predictor), "
+            "wan (Wan2.1 first-last-frame-to-video, 4k+1 frames rendered).",
         ),
     ] = "crossfade",
     model: Annotated[
         str | None,
         typer.Option(
             help="Weights for the decoder: a preset in configs/video_models.yaml (animatediff, "
-            "tiny), a hub id or a local folder (animatediff: an SD1.5 base; latent-slerp: a VAE)."
+            "wan, tiny), a hub id or a local folder (animatediff: an SD1.5 base; wan: a Wan "
+            "FLF2V diffusers repo; latent-slerp: a VAE)."
         ),
     ] = None,
     predictor: Annotated[
@@ -113,10 +115,10 @@ def animate(
     ] = "crop",
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the decoder.")] = 0,
     steps: Annotated[
-        int | None, typer.Option(min=1, help="Denoising steps (animatediff). Default: preset.")
+        int | None, typer.Option(min=1, help="Denoising steps (animatediff, wan). Default: preset.")
     ] = None,
     guidance: Annotated[
-        float | None, typer.Option(min=0.0, help="Guidance scale (animatediff).")
+        float | None, typer.Option(min=0.0, help="Guidance scale (animatediff, wan).")
     ] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -144,10 +146,13 @@ def animate(
     from storycli.motion.animate import AnimateOptions
     from storycli.motion.decoders.registry import DecoderCache
 
+    wan_note = run_guarded(lambda: check_wan(decoder, predictor, frames), verbose)
     folders = run_guarded(lambda: expand_keyframe_folders(keyframes), verbose)
     this_shard = run_guarded(lambda: resolve_shard(shard), verbose)
     items = this_shard.take(folders)  # a folder's transitions are not shared out
     console = stderr_console()
+    if wan_note and not quiet:
+        console.print(f"note: {escape(wan_note)}", soft_wrap=True)
     announce_share(console, this_shard, len(folders), len(items), None, quiet)
     shown = display_shard(this_shard)
     show = not (quiet or json_out) and shown.leader
@@ -202,6 +207,22 @@ def animate(
         verbose,
     )
     finish_batch(console, results, quiet or json_out, describe_animated)
+
+
+def check_wan(decoder: str, predictor: Path | None, frames: int) -> str | None:
+    """For `--decoder wan`: refuse a predictor (conditioning Wan on P_i is not wired yet), and
+    the note saying the frame count is rounded to what Wan renders (None: nothing to say)."""
+    if decoder != "wan":
+        return None
+    from storycli.motion.animate import AnimateError
+    from storycli.motion.decoders.wan import frame_note
+
+    if predictor is not None:
+        raise AnimateError(
+            f"--predictor {predictor}: the wan decoder does not take per-frame embeddings yet; "
+            "drop --predictor (its transitions follow the two keyframes and their prompts)"
+        )
+    return frame_note(frames)
 
 
 def describe_animated(record: dict[str, Any]) -> str:

@@ -40,10 +40,12 @@ class ComponentRef:
 
 @dataclass(frozen=True)
 class VideoPreset:
-    """One entry of video_models.yaml: the whole AnimateDiff decoder stack and its settings."""
+    """One entry of video_models.yaml: a decoder's whole stack and its settings."""
 
     name: str
-    base: str  # SD1.5 base: hub id, local diffusers folder, or "tiny"
+    # animatediff: the SD1.5 base; wan: the Wan FLF2V diffusers repo. Hub id, folder or "tiny".
+    base: str
+    decoder: str = DEFAULT_VIDEO_PRESET  # which `--decoder` the preset is for
     motion_adapter: str | None = None
     sparsectrl: str | None = None
     ip_adapter: ComponentRef | None = None
@@ -69,8 +71,13 @@ _FIELDS = {f.name for f in dataclasses.fields(VideoPreset)} - {"name"}
 _REF_FIELDS = {f.name for f in dataclasses.fields(ComponentRef)}
 _INTS = ("size", "steps", "fps")
 _FLOATS = ("guidance", "ip_scale")
-_STRINGS = ("base", "motion_adapter", "sparsectrl", "variant", "negative", "description")
-_REQUIRED = ("motion_adapter", "sparsectrl", "ip_adapter", "image_encoder")  # unless tiny
+_STRINGS = ("base", "decoder", "motion_adapter", "sparsectrl", "variant", "negative", "description")
+# The keys each decoder's non-tiny presets must have (beyond `base`). Wan's diffusers repo
+# holds its whole stack (text/image encoders, VAE, transformer): nothing else to name.
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "animatediff": ("motion_adapter", "sparsectrl", "ip_adapter", "image_encoder"),
+    "wan": (),
+}
 
 
 def _ref(value: Any, key: str, where: str, weight: bool) -> ComponentRef:
@@ -114,8 +121,11 @@ def _parse_preset(name: str, entry: Any, path: Path) -> VideoPreset:
     for key in ("ip_adapter", "image_encoder"):
         if values.get(key) is not None:
             values[key] = _ref(values[key], key, where, weight=key == "ip_adapter")
+    decoder = values.setdefault("decoder", DEFAULT_VIDEO_PRESET)
+    if decoder not in _REQUIRED:
+        raise VideoPresetError(f"{where}: `decoder` must be one of {', '.join(_REQUIRED)}")
     if values["base"] != TINY:
-        missing = [key for key in _REQUIRED if not values.get(key)]
+        missing = [key for key in _REQUIRED[decoder] if not values.get(key)]
         if missing:
             raise VideoPresetError(f"{where} is missing {', '.join(missing)}")
     values["description"] = " ".join(str(values.get("description") or "").split())
@@ -140,20 +150,34 @@ def load_video_presets(configs_dir: Path | None = None) -> dict[str, VideoPreset
     return {str(name): _parse_preset(str(name), entry, path) for name, entry in data.items()}
 
 
-def resolve_video_preset(model: str, presets: Mapping[str, VideoPreset]) -> VideoPreset:
-    """The preset `model` names; else `model` is an SD1.5 base (hub id or local folder) and the
-    other components come from the default preset."""
+def resolve_video_preset(
+    model: str, presets: Mapping[str, VideoPreset], decoder: str = DEFAULT_VIDEO_PRESET
+) -> VideoPreset:
+    """The preset `model` names; else `model` is the decoder's base (hub id or local folder) and
+    the other components and settings come from the decoder's default preset (named after it).
+
+    `tiny` is each decoder's tiny stack: the `tiny` preset for animatediff, `<decoder>-tiny`
+    (e.g. `wan-tiny`) for the others."""
     if not model:
         raise VideoPresetError("empty video model name: use a preset, a hub id or a folder")
+    if model == TINY and decoder != DEFAULT_VIDEO_PRESET:
+        model = f"{decoder}-{TINY}"
+        if model not in presets:
+            return dataclasses.replace(_BUILTIN_TINY, name=model, decoder=decoder)
     if model in presets:
+        if presets[model].decoder != decoder:
+            raise VideoPresetError(
+                f"video preset '{model}' is for the {presets[model].decoder} decoder; "
+                f"use --decoder {presets[model].decoder}"
+            )
         return presets[model]
     if model == TINY:
         return _BUILTIN_TINY
-    default = presets.get(DEFAULT_VIDEO_PRESET)
+    default = presets.get(decoder)
     if default is None:
         raise VideoPresetError(
             f"video model '{model}' is not a preset ({', '.join(presets)}) and there is no "
-            f"'{DEFAULT_VIDEO_PRESET}' preset to take its other components from"
+            f"'{decoder}' preset to take its other components from"
         )
     # The variant belongs to the default base; an arbitrary base may not ship fp16 files.
     return dataclasses.replace(default, name=model, base=model, variant=None, description="")

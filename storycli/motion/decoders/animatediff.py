@@ -15,7 +15,6 @@ folder) combined with the default preset's other components; `tiny` builds a ran
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from PIL import Image
 
 from storycli.motion.decoders.base import StepCallback, TransitionRequest
+from storycli.motion.decoders.components import check_local, load_component
 from storycli.motion.presets import (
     ComponentRef,
     VideoPreset,
@@ -39,54 +39,14 @@ from storycli.weights.devices import (
     resolve_dtype,
 )
 from storycli.weights.hub import (
-    HubWeights,
     ModelUnavailable,
     cached_snapshot,
-    from_hub,
     hub_revision,
-    load_errors,
-    quiet_loading,
-    short_reason,
     weights_variant,
 )
 from storycli.weights.image_encoder import ENCODERS, ImageEncoder, load_image_encoder
 
 # ------------------------------------------------------------------------------------ loading
-
-
-_LOCAL_HINT = ", or point the video preset at a local folder"
-
-
-def _check_local(label: str, source: str) -> None:
-    """Fail fast, before loading gigabytes, when a component names a folder that is not there."""
-    local = local_model_path(source, Path.cwd())
-    if local is not None and not local.exists():
-        raise ModelUnavailable(
-            f"The {label} folder '{source}' does not exist (looked at {local}); download it "
-            f"there with `hf download <hub id> --local-dir {local}` or fix the path."
-        )
-
-
-def _load(
-    label: str,
-    source: str,
-    load: Callable[[str, bool], Any],
-    fetch: str | None = None,
-    shown: str | None = None,
-) -> Any:
-    """`load(folder or hub id, local_files_only)`: a local folder as it is, a hub id from the
-    cache first (see `models.from_hub`); any failure becomes one `ModelUnavailable` sentence."""
-    local = local_model_path(source, Path.cwd())
-    if local is not None:
-        try:
-            with quiet_loading():
-                return load(str(local), True)
-        except load_errors() as exc:
-            raise ModelUnavailable(
-                f"Cannot load the {label} from {local.resolve()}: {short_reason(exc)}"
-            ) from exc
-    weights = HubWeights(f"The {label} '{shown or source}'", source, fetch or source, _LOCAL_HINT)
-    return from_hub(lambda local_only: load(source, local_only), weights)
 
 
 def _hub_revisions(preset: VideoPreset, encoder: ImageEncoder) -> dict[str, str | None]:
@@ -126,7 +86,7 @@ def _check_ip_adapter_file(ref: ComponentRef) -> None:
                 f"`hf download {_ip_adapter_fetch(ref)} --local-dir {local}` or fix the path."
             )
         return
-    _load(
+    load_component(
         "IP-Adapter",
         ref.repo,
         lambda repo, local_only: hf_hub_download(
@@ -155,7 +115,7 @@ def _load_encoder(ref: ComponentRef, device: str, dtype: torch.dtype) -> ImageEn
     from huggingface_hub import snapshot_download
 
     fetch = f'{ref.repo} --include "{ref.subfolder}/*"'
-    folder = _load(
+    folder = load_component(
         "image encoder",
         ref.repo,
         lambda src, local_only: snapshot_download(
@@ -188,16 +148,16 @@ def _load_real_stack(preset: VideoPreset, device: str, dtype: torch.dtype) -> tu
         ("IP-Adapter", ip.repo),
         ("image encoder", enc.repo),
     ):
-        _check_local(label, source)
+        check_local(label, source)
     _check_ip_adapter_file(ip)
-    adapter = _load(
+    adapter = load_component(
         "motion adapter",
         preset.motion_adapter,
         lambda src, local_only: MotionAdapter.from_pretrained(
             src, dtype=dtype, local_files_only=local_only
         ),
     )
-    controlnet = _load(
+    controlnet = load_component(
         "SparseCtrl model",
         preset.sparsectrl,
         lambda src, local_only: SparseControlNetModel.from_pretrained(
@@ -213,7 +173,7 @@ def _load_real_stack(preset: VideoPreset, device: str, dtype: torch.dtype) -> tu
         return weights_variant(folder, preferred) if folder is not None else preferred
 
     with quiet_diffusers_models():
-        pipe = _load(
+        pipe = load_component(
             "base model",
             preset.base,
             lambda src, local_only: AnimateDiffSparseControlNetPipeline.from_pretrained(
@@ -227,7 +187,7 @@ def _load_real_stack(preset: VideoPreset, device: str, dtype: torch.dtype) -> tu
                 local_files_only=local_only,
             ),
         )
-        _load(
+        load_component(
             "IP-Adapter",
             ip.repo,
             lambda src, local_only: pipe.load_ip_adapter(

@@ -36,6 +36,17 @@ def load_decoder(
             steps=steps,
             guidance=guidance,
         )
+    if name == "wan":
+        from storycli.motion.decoders.wan import load_wan_decoder
+
+        return load_wan_decoder(
+            model or "wan",
+            device=device,
+            dtype=dtype,
+            offload=offload,  # type: ignore[arg-type]
+            steps=steps,
+            guidance=guidance,
+        )
     raise ValueError(f"unknown decoder {name!r}; choose one of {', '.join(DECODERS)}")
 
 
