@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import torch
 from cli_runs import write_story
 from PIL import Image
 
 from storycli.config import Configs
+from storycli.keyframes.backbones.flux import FluxBackbone
 from storycli.keyframes.loop import generate_keyframes
 from storycli.keyframes.plan import Plan, build_plan
 from storycli.keyframes.schedule import RenderSize, render_size
@@ -33,3 +36,22 @@ def run_loop(pipe: Any, plan: Plan, size: RenderSize, **kwargs: Any) -> dict[int
 
     generate_keyframes(pipe, plan, range(len(plan.frames)), size, on_frame, **kwargs)
     return out
+
+
+def final_latents(
+    pipe: Any, plan: Plan, size: RenderSize, monkeypatch: pytest.MonkeyPatch
+) -> dict[int, torch.Tensor]:
+    """Each frame's final latents through the FLUX backbone, by frame index (decoded call by
+    call, in plan order)."""
+    final: list[torch.Tensor] = []
+    decode = FluxBackbone.decode
+
+    def recording(self: FluxBackbone, latents: Any) -> list[Image.Image]:
+        final.extend(latents.clone())
+        return decode(self, latents)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FluxBackbone, "decode", recording)
+        run_loop(pipe, plan, size)
+    order = [i for call in plan.calls for i in call.frames]
+    return dict(zip(order, final, strict=True))

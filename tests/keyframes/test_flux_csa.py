@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 from cli_runs import pixels, run_cli, write_story
-from loop_runs import plan_story, run_loop
-from PIL import Image
+from loop_runs import final_latents, plan_story, run_loop
 
 from storycli.keyframes.backbones.flux import FluxBackbone
 from storycli.keyframes.checkpoints import LoopCheckpoint
@@ -68,24 +67,6 @@ def csa_story(**changes: Any) -> dict[str, Any]:
 
 def plan_of(tmp_path: Path, name: str = "story", **changes: Any) -> tuple[Plan, RenderSize]:
     return plan_story(tmp_path / f"{name}.yaml", csa_story(**changes), "tiny-flux")
-
-
-def final_latents(
-    pipe: Any, plan: Plan, size: RenderSize, monkeypatch: pytest.MonkeyPatch
-) -> dict[int, torch.Tensor]:
-    """Each frame's final latents, by frame index (decoded call by call, in plan order)."""
-    final: list[torch.Tensor] = []
-    decode = FluxBackbone.decode
-
-    def recording(self: FluxBackbone, latents: Any) -> list[Image.Image]:
-        final.extend(latents.clone())
-        return decode(self, latents)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(FluxBackbone, "decode", recording)
-        run_loop(pipe, plan, size)
-    order = [i for call in plan.calls for i in call.frames]
-    return dict(zip(order, final, strict=True))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["schnell-like", "dev-like"])

@@ -17,12 +17,11 @@ import pytest
 import torch
 import yaml
 from cli_runs import pixels, run_cli, write_story
-from loop_runs import plan_story, run_loop
-from PIL import Image
+from loop_runs import final_latents, plan_story, run_loop
 
 from storycli.consistency.csa_dit import dit_csa_layers, installed_dit_csa
 from storycli.consistency.csa_state import CSASettings, CSAState
-from storycli.keyframes.backbones.flux import FluxBackbone, windowed_transformer
+from storycli.keyframes.backbones.flux import windowed_transformer
 from storycli.keyframes.plan import Plan
 from storycli.keyframes.schedule import RenderSize
 from storycli.weights.tiny_flux import build_tiny_flux_pipeline
@@ -151,24 +150,6 @@ def window_story(**changes: Any) -> dict[str, Any]:
 
 def plan_of(tmp_path: Path, name: str = "story", **changes: Any) -> tuple[Plan, RenderSize]:
     return plan_story(tmp_path / f"{name}.yaml", window_story(**changes), "tiny-flux")
-
-
-def final_latents(
-    pipe: Any, plan: Plan, size: RenderSize, monkeypatch: pytest.MonkeyPatch
-) -> dict[int, torch.Tensor]:
-    """Each frame's final latents, by frame index (decoded call by call, in plan order)."""
-    final: list[torch.Tensor] = []
-    decode = FluxBackbone.decode
-
-    def recording(self: FluxBackbone, latents: Any) -> list[Image.Image]:
-        final.extend(latents.clone())
-        return decode(self, latents)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(FluxBackbone, "decode", recording)
-        run_loop(pipe, plan, size)
-    order = [i for call in plan.calls for i in call.frames]
-    return dict(zip(order, final, strict=True))
 
 
 def test_rate_zero_window_mode_is_method_none(

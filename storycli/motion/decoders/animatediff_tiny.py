@@ -224,6 +224,11 @@ def build_tiny_animatediff_stack(
     # The real loader, fed a state dict: the same ImageProjection + IPAdapterAttnProcessor2_0.
     with quiet_diffusers_models():
         pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None)
+    return settle_tiny_pipeline(pipe, dtype)
+
+
+def settle_tiny_pipeline(pipe: Any, dtype: torch.dtype) -> Any:
+    """A freshly built tiny video pipeline in `dtype`, in eval mode, without progress bars."""
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             # Plain nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast.

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from storycli.motion.decoders.animatediff_tiny import settle_tiny_pipeline
 from storycli.weights.tiny import TINY_SEED
 from storycli.weights.tiny_flux import build_t5_tokenizer
 from storycli.weights.tiny_words import TINY_T5_LENGTH
@@ -101,13 +102,7 @@ def build_tiny_ltx_condition_pipeline(
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            # Plain nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast.
-            torch.nn.Module.to(module, dtype=dtype)
-            module.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return settle_tiny_pipeline(pipe, dtype)
 
 
 def _tiny_transformer() -> diffusers.LTXVideoTransformer3DModel:

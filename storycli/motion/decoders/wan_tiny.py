@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from storycli.motion.decoders.animatediff_tiny import settle_tiny_pipeline
 from storycli.weights.image_encoder import TINY_IMAGE_SIZE, build_tiny_image_encoder
 from storycli.weights.tiny import TINY_SEED
 from storycli.weights.tiny_flux import build_t5_tokenizer
@@ -121,13 +122,7 @@ def build_tiny_wan_flf2v_pipeline(
         image_encoder=image_encoder,
         transformer=transformer,
     )
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            # Plain nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast.
-            torch.nn.Module.to(module, dtype=dtype)
-            module.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return settle_tiny_pipeline(pipe, dtype)
 
 
 def _tiny_transformer(image_dim: int) -> diffusers.WanTransformer3DModel:
