@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import assert_same_weights
 
 from storycli.motion.decoders.wan_tiny import (
     WAN_SIZE_MULTIPLE,
@@ -78,11 +79,7 @@ def test_two_builds_are_identical(pipe: Any) -> None:
     state = torch.random.get_rng_state()
     other = build_tiny_wan_flf2v_pipeline()
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
-    for name, module in pipe.components.items():
-        if isinstance(module, torch.nn.Module):
-            ours, theirs = module.state_dict(), other.components[name].state_dict()
-            assert ours.keys() == theirs.keys(), name
-            assert all(torch.equal(ours[key], theirs[key]) for key in ours), name
+    assert_same_weights(pipe, other)
     first, last = _keyframe(1), _keyframe(2)
     np.testing.assert_array_equal(_video(pipe, first, last), _video(other, first, last))
 

@@ -13,7 +13,7 @@ loop needs of SDXL and FLUX.1, nothing more.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -185,3 +185,45 @@ def compiled_blocks(model: torch.nn.Module, backend: str = "inductor") -> Iterat
     finally:
         for block in blocks:
             block._compiled_call_impl = None
+
+
+def window_mean(
+    inputs: torch.Tensor,
+    frames: int,
+    starts: Sequence[int],
+    size: int,
+    state: CSAState,
+    forward_rows: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Sliding-window CSA's one network call (the paper's Algorithm 1): `inputs` holds every
+    frame's row (times CFG groups); each window of `size` frames from `starts` runs as its own
+    forward (`forward_rows(rows)`, after `state.begin_window`), and a frame's prediction is the
+    mean over the windows that cover it. Activations exist for one window at a time."""
+    groups = inputs.shape[0] // frames
+    total = torch.zeros_like(inputs)
+    covered = torch.zeros(frames, dtype=inputs.dtype, device=inputs.device)
+    for start in starts:
+        rows = torch.tensor(
+            [g * frames + start + j for g in range(groups) for j in range(size)],
+            device=inputs.device,
+        )
+        state.begin_window(size)
+        total[rows] += forward_rows(rows)
+        covered[start : start + size] += 1
+    return total / covered.repeat(groups).view(-1, *([1] * (inputs.ndim - 1)))
+
+
+@contextmanager
+def forward_replaced(model: torch.nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """`model.forward` replaced for the duration, then restored: an instance attribute already
+    there (compiled, offload hooks) is put back, else the class's method shows through again."""
+    original = model.forward
+    patched = "forward" in vars(model)
+    model.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if patched:
+            model.forward = original  # type: ignore[method-assign]
+        else:
+            del model.forward

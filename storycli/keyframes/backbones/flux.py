@@ -32,7 +32,7 @@ from storycli.consistency.csa import window_starts
 from storycli.consistency.csa_dit import dit_csa_layers, installed_dit_csa
 from storycli.consistency.csa_state import CSAState, LayerInfo
 from storycli.consistency.ip_adapter import Photos
-from storycli.keyframes.backbones.base import compiled_blocks
+from storycli.keyframes.backbones.base import compiled_blocks, forward_replaced, window_mean
 from storycli.keyframes.backbones.support import flux_refusal
 from storycli.keyframes.plan import Plan, PlannedFrame
 from storycli.keyframes.schedule import RenderSize
@@ -84,45 +84,29 @@ def windowed_transformer(
     with the story's length.
     """
     original = transformer.forward
-    patched = "forward" in vars(transformer)  # e.g. offload hooks: restore that, not the class's
     starts = window_starts(frames, window, stride)
     size = min(window, frames)
 
     def forward(hidden_states: torch.Tensor, **kwargs: Any) -> Any:
-        batch = hidden_states.shape[0]
-        groups = batch // frames
         return_dict = kwargs.pop("return_dict", True)
-        total = torch.zeros_like(hidden_states)
-        covered = torch.zeros(frames, dtype=hidden_states.dtype, device=hidden_states.device)
-        for start in starts:
-            rows = torch.tensor(
-                [g * frames + start + j for g in range(groups) for j in range(size)],
-                device=hidden_states.device,
-            )
+
+        def forward_rows(rows: torch.Tensor) -> torch.Tensor:
             # Named, not guessed by size: a token count (the ids' first axis) may equal the batch.
             picked = {
                 k: v[rows] if k in _PER_ROW and isinstance(v, torch.Tensor) and v.ndim else v
                 for k, v in kwargs.items()
             }
-            state.begin_window(size)
-            out = original(hidden_states[rows], return_dict=False, **picked)[0]
-            total[rows] += out
-            covered[start : start + size] += 1
-        result = total / covered.repeat(groups).view(-1, *([1] * (hidden_states.ndim - 1)))
+            return original(hidden_states[rows], return_dict=False, **picked)[0]
+
+        result = window_mean(hidden_states, frames, starts, size, state, forward_rows)
         if return_dict:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
             return Transformer2DModelOutput(sample=result)
         return (result,)
 
-    transformer.forward = forward  # type: ignore[method-assign]
-    try:
+    with forward_replaced(transformer, forward):
         yield
-    finally:
-        if patched:
-            transformer.forward = original  # type: ignore[method-assign]
-        else:
-            del transformer.forward  # back to the class's method
 
 
 class FluxBackbone:

@@ -29,7 +29,7 @@ from storycli.consistency.csa import ConsistentSelfAttnProcessor, window_starts
 from storycli.consistency.csa_state import CSAState, LayerInfo
 from storycli.consistency.ip_adapter import Photos
 from storycli.consistency.one_prompt import one_prompt_conditioning
-from storycli.keyframes.backbones.base import compiled_blocks
+from storycli.keyframes.backbones.base import compiled_blocks, forward_replaced, window_mean
 from storycli.keyframes.plan import Plan, PlannedFrame
 from storycli.keyframes.schedule import RenderSize
 
@@ -432,13 +432,11 @@ def windowed_unet(
     one window at a time, so peak memory does not grow with the story's length.
     """
     original = unet.forward
-    patched = "forward" in vars(unet)  # e.g. compiled: restore that, not the class's method
     starts = window_starts(frames, window, stride)
     size = min(window, frames)
 
     def forward(sample: torch.Tensor, timestep: torch.Tensor, *args: object, **kwargs: object):
         batch = sample.shape[0]
-        groups = batch // frames
 
         def take(value: object, rows: torch.Tensor) -> object:
             if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
@@ -449,36 +447,26 @@ def windowed_unet(
                 return [take(v, rows) for v in value]
             return value
 
-        total = torch.zeros_like(sample)
-        covered = torch.zeros(frames, dtype=sample.dtype, device=sample.device)
         return_dict = kwargs.pop("return_dict", True)
-        for start in starts:
-            rows = torch.tensor(
-                [g * frames + start + j for g in range(groups) for j in range(size)],
-                device=sample.device,
-            )
-            state.begin_window(size)
-            out = original(
+        result = window_mean(
+            sample,
+            frames,
+            starts,
+            size,
+            state,
+            lambda rows: original(
                 sample[rows],
                 take(timestep, rows),
                 *[take(a, rows) for a in args],
                 return_dict=False,
                 **{k: take(v, rows) for k, v in kwargs.items()},
-            )[0]
-            total[rows] += out
-            covered[start : start + size] += 1
-        result = total / covered.repeat(groups).view(-1, *([1] * (sample.ndim - 1)))
+            )[0],
+        )
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
             return UNet2DConditionOutput(sample=result)
         return (result,)
 
-    unet.forward = forward  # type: ignore[method-assign]
-    try:
+    with forward_replaced(unet, forward):
         yield
-    finally:
-        if patched:
-            unet.forward = original  # type: ignore[method-assign]
-        else:
-            del unet.forward  # back to the class's method
