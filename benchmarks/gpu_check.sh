@@ -5,9 +5,13 @@
 # they cannot be imported, puts the checkout and them on PYTHONPATH, and runs
 # benchmarks/gpu_check.py. Results go to $OUT (what the device tool brings back) when it is
 # set, else benchmarks/results/. Extra arguments go to gpu_check.py (e.g. --budget-s 300).
+# With --video first, the same preamble runs benchmarks/video_decoders.py --device cuda instead
+# (the Wan2.1 FLF2V and LTX-Video decoders at real size, random weights; ≤ 6 min), the other
+# arguments going to it.
 #
-#   bash benchmarks/gpu_wheels.sh     # first, on a machine with the package index
-#   bash benchmarks/gpu_check.sh      # then on the GPU machine, benchmarks/.whl carried along
+#   bash benchmarks/gpu_wheels.sh             # first, on a machine with the package index
+#   bash benchmarks/gpu_check.sh              # then on the GPU machine, benchmarks/.whl carried
+#   bash benchmarks/gpu_check.sh --video      # or the video decoders' benchmark
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +33,8 @@ fi
 export PYTHONPATH=$pythonpath${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 
+if [ "${1:-}" = "--video" ]; then
+    shift
+    exec "$PYTHON" benchmarks/video_decoders.py --device cuda --out "${OUT:-benchmarks/results}" "$@"
+fi
 exec "$PYTHON" benchmarks/gpu_check.py --out "${OUT:-benchmarks/results}" "$@"

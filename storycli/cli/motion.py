@@ -44,6 +44,8 @@ ANIMATE_EPILOG = (
     "[bold]Examples[/]\n\n"
     "  storydiff animate outputs/lighthouse\n\n"
     "  storydiff animate outputs/lighthouse --decoder animatediff --predictor runs/smp\n\n"
+    "  storydiff animate outputs/lighthouse --decoder wan --frames 33 --predictor runs/smp\n\n"
+    "  storydiff animate outputs/lighthouse --decoder ltx --frames 25\n\n"
     "  storydiff animate my_drawings/ --decoder latent-slerp --frames 24 --fps 12 --hold 0.5\n\n"
     "  storydiff animate outputs/fox-compare --decoder animatediff --model tiny --frames 8\n\n"
     "  storydiff animate outputs/            (every generate run folder in outputs/)\n\n"
@@ -76,29 +78,33 @@ def animate(
             callback=choice("--decoder", DECODERS),
             help="crossfade (pixel blend, no model), latent-slerp (SDXL VAE latents), "
             "animatediff (SD1.5 + AnimateDiff + SparseCtrl + IP-Adapter, uses the predictor), "
-            "wan (Wan2.1 first-last-frame-to-video, 4k+1 frames rendered).",
+            "wan (Wan2.1 first-last-frame-to-video, 4k+1 frames rendered, steered by the "
+            "predictor when given), ltx (LTX-Video with both keyframes as conditions, 8k+1 "
+            "frames rendered).",
         ),
     ] = "crossfade",
     model: Annotated[
         str | None,
         typer.Option(
             help="Weights for the decoder: a preset in configs/video_models.yaml (animatediff, "
-            "wan, tiny), a hub id or a local folder (animatediff: an SD1.5 base; wan: a Wan "
-            "FLF2V diffusers repo; latent-slerp: a VAE)."
+            "wan, ltx, tiny), a hub id or a local folder (animatediff: an SD1.5 base; wan: a "
+            "Wan FLF2V diffusers repo; ltx: an LTX-Video 0.9.5+ repo; latent-slerp: a VAE)."
         ),
     ] = None,
     predictor: Annotated[
         Path | None,
         typer.Option(
-            help="Motion predictor checkpoint (from train-predictor). Default: the linear "
-            "baseline between the two keyframes' embeddings."
+            help="Motion predictor checkpoint (from train-predictor), for animatediff and wan. "
+            "Default: animatediff follows the linear baseline between the two keyframes' "
+            "embeddings, wan its own image conditioning."
         ),
     ] = None,
     frames: Annotated[
         int, typer.Option(min=2, help="Frames per transition, both keyframes included.")
     ] = 16,
     fps: Annotated[
-        int | None, typer.Option(min=1, help="Frame rate. Default: the decoder's (8).")
+        int | None,
+        typer.Option(min=1, help="Frame rate. Default: the decoder's (8; wan 16, ltx 24)."),
     ] = None,
     hold: Annotated[
         float, typer.Option(min=0.0, help="Seconds each keyframe is held in story.mp4.")
@@ -115,10 +121,11 @@ def animate(
     ] = "crop",
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the decoder.")] = 0,
     steps: Annotated[
-        int | None, typer.Option(min=1, help="Denoising steps (animatediff, wan). Default: preset.")
+        int | None,
+        typer.Option(min=1, help="Denoising steps (animatediff, wan, ltx). Default: preset."),
     ] = None,
     guidance: Annotated[
-        float | None, typer.Option(min=0.0, help="Guidance scale (animatediff, wan).")
+        float | None, typer.Option(min=0.0, help="Guidance scale (animatediff, wan, ltx).")
     ] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -144,15 +151,16 @@ def animate(
     configure_logging(verbose, quiet)
     from storycli.batch.inputs import expand_keyframe_folders
     from storycli.motion.animate import AnimateOptions
+    from storycli.motion.decoders.end_frames import frame_note
     from storycli.motion.decoders.registry import DecoderCache
 
-    wan_note = run_guarded(lambda: check_wan(decoder, predictor, frames), verbose)
+    rounding = frame_note(decoder, frames)
     folders = run_guarded(lambda: expand_keyframe_folders(keyframes), verbose)
     this_shard = run_guarded(lambda: resolve_shard(shard), verbose)
     items = this_shard.take(folders)  # a folder's transitions are not shared out
     console = stderr_console()
-    if wan_note and not quiet:
-        console.print(f"note: {escape(wan_note)}", soft_wrap=True)
+    if rounding and not quiet:
+        console.print(f"note: {escape(rounding)}", soft_wrap=True)
     announce_share(console, this_shard, len(folders), len(items), None, quiet)
     shown = display_shard(this_shard)
     show = not (quiet or json_out) and shown.leader
@@ -207,22 +215,6 @@ def animate(
         verbose,
     )
     finish_batch(console, results, quiet or json_out, describe_animated)
-
-
-def check_wan(decoder: str, predictor: Path | None, frames: int) -> str | None:
-    """For `--decoder wan`: refuse a predictor (conditioning Wan on P_i is not wired yet), and
-    the note saying the frame count is rounded to what Wan renders (None: nothing to say)."""
-    if decoder != "wan":
-        return None
-    from storycli.motion.animate import AnimateError
-    from storycli.motion.decoders.wan import frame_note
-
-    if predictor is not None:
-        raise AnimateError(
-            f"--predictor {predictor}: the wan decoder does not take per-frame embeddings yet; "
-            "drop --predictor (its transitions follow the two keyframes and their prompts)"
-        )
-    return frame_note(frames)
 
 
 def describe_animated(record: dict[str, Any]) -> str:

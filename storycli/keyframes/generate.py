@@ -310,7 +310,9 @@ def _generate_story(
         model_reused=reused,
         shard=job.split,
     )
-    _reset_peak_memory(job.info.device)
+    from storycli.weights.devices import reset_peak_memory
+
+    reset_peak_memory(job.info.device)
     versions = _library_versions()
     result.removed = _clean_folder(job)
     loop = _make_frames(job, loaded, versions) if loaded is not None else {}
@@ -399,14 +401,6 @@ def _announce_model(job: _Job, loaded: LoadedModel | None) -> None:
     for warning in warnings:
         if hooks.on_warning:
             hooks.on_warning(warning)
-
-
-def _reset_peak_memory(device: str) -> None:
-    """Count this story's CUDA peak only (a batch's earlier stories ran on the same GPU)."""
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
 
 
 def _library_versions() -> dict[str, str]:
@@ -528,7 +522,7 @@ def _loop_checkpoint(job: _Job, writers: dict[str, Any]) -> LoopCheckpoint | Non
 def _tally(job: _Job, result: GenerateResult, started: float) -> str:
     """Which frames were made, skipped or left to other shards, and what it took; the kind of
     peak memory measured."""
-    from storycli.keyframes.story_folder import peak_memory
+    from storycli.weights.devices import peak_memory
 
     memory, memory_kind = peak_memory(job.info.device)
     generated, owned, frames = job.run.generated, job.owned, job.plan.frames

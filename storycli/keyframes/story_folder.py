@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,17 +27,6 @@ SCHEMA_VERSION = 1
 
 class OutputConflict(InvalidInput):
     """The output folder belongs to another story (or to something else)."""
-
-
-def peak_memory(device: str) -> tuple[int, str]:
-    """Peak memory of this run so far: CUDA max allocated, else the process's peak RSS."""
-    if device.startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
 
 
 def story_folder(folder: Path, owns: Callable[[str], bool] | None = None) -> RunFolder:

@@ -2,4 +2,4 @@
 
 # The transition decoders' names (motion.decoders loads them); here, so the command line can
 # check `--decoder` without importing torch.
-DECODERS = ("crossfade", "latent-slerp", "animatediff", "wan")
+DECODERS = ("crossfade", "latent-slerp", "animatediff", "wan", "ltx")

@@ -25,6 +25,11 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from storycli.errors import InvalidInput
+from storycli.motion.conditioning import (
+    frame_embeddings,
+    keyframe_embeddings,
+    load_predictor_checked,
+)
 from storycli.motion.video.io import IMAGE_SUFFIXES
 from storycli.motion.video.io import temp_target as video_temp_target
 from storycli.outputs import Owner, RunFolder, TempScheme
@@ -311,59 +316,6 @@ def transition_name(a: int, b: int, count: int) -> str:
 # ------------------------------------------------------------------------------------- animate
 
 
-def _load_predictor(options: AnimateOptions) -> Any:
-    """The --predictor checkpoint (None without one), loaded before the decoder so that a
-    missing or broken one fails fast, whichever decoder is asked for."""
-    from storycli.motion.predictor.model import PredictorError, load_predictor
-
-    if options.predictor is None:
-        return None
-    try:
-        return load_predictor(options.predictor)
-    except PredictorError as exc:
-        raise AnimateError(str(exc)) from exc
-
-
-def _embeddings(
-    decoder: Any, keyframes: list[Keyframe], predictor: Any, options: AnimateOptions, note
-) -> Any:
-    """Per-keyframe embeddings K and the predictor (None: linear baseline), if the decoder
-    uses embeddings."""
-    from storycli.motion.predictor.model import weights_path
-
-    encoder = decoder.image_encoder
-    if encoder is None:
-        if predictor is not None:
-            note(f"--predictor ignored: the {decoder.name} decoder does not use embeddings")
-        return None, None
-    if predictor is not None:
-        config = predictor.config
-        if config.dim != encoder.dim:
-            raise AnimateError(
-                f"{weights_path(options.predictor)}: the predictor works on {config.dim}-d "
-                f"embeddings but the {decoder.name} decoder's image encoder ({encoder.name}) "
-                f"gives {encoder.dim}-d ones; use a predictor trained on that encoder"
-            )
-        if config.encoder and config.encoder != encoder.name:
-            note(
-                f"the predictor was trained on {config.encoder} embeddings, decoding on "
-                f"{encoder.name}"
-            )
-    return encoder.encode([k.image for k in keyframes]), predictor
-
-
-def _predict(k_all: Any, predictor: Any, a: int, frames: int) -> Any:
-    import torch
-
-    from storycli.motion.predictor.model import lerp_embeddings
-
-    start, end = k_all[a : a + 1], k_all[a + 1 : a + 2]
-    with torch.inference_mode():
-        if predictor is None:
-            return lerp_embeddings(start, end, frames)[0]
-        return predictor(start, end, frames)[0]
-
-
 def _story_frames(
     keyframes: list[Keyframe],
     transitions: list[Path],
@@ -438,6 +390,7 @@ class _Job:
     loaded_predictor: Any
     result: AnimateResult
     decoder: Any = None
+    device: str = "cpu"  # where the decoder runs (resolved from options.device)
     fps: int = 0
     k_all: Any = None  # per-keyframe embeddings; None for a decoder that uses none
     predictor: Any = None  # None: the linear baseline
@@ -516,7 +469,7 @@ def _check_and_claim(
             hooks.on_note(text)
     out = options.out or options.keyframes / "video"
     folder, previous = _claim_output(out, options.keyframes, options.overwrite, claim)
-    loaded_predictor = _load_predictor(options)
+    loaded_predictor = load_predictor_checked(options.predictor)
     return _Job(options, hooks, keyframes, folder, previous, loaded_predictor, AnimateResult(out))
 
 
@@ -525,6 +478,7 @@ def _load_decoder(job: _Job, decoders: Any) -> None:
     keyframes' embeddings and the description animate.json records."""
     from storycli.motion.decoders.registry import DecoderCache
     from storycli.motion.predictor.model import weights_path
+    from storycli.weights.devices import resolve_device
 
     options = job.options
     decoders = decoders or DecoderCache()
@@ -543,9 +497,10 @@ def _load_decoder(job: _Job, decoders: Any) -> None:
             f"{decoder.max_frames} frames per transition"
         )
     job.decoder = decoder
+    job.device = resolve_device(options.device)
     job.fps = options.fps or decoder.fps
-    job.k_all, job.predictor = _embeddings(
-        decoder, job.keyframes, job.loaded_predictor, options, job.note
+    job.k_all, job.predictor = keyframe_embeddings(
+        decoder, [k.image for k in job.keyframes], job.loaded_predictor, options.predictor, job.note
     )
     described = decoder.describe()
     if job.predictor is not None:
@@ -613,6 +568,7 @@ def _make_transitions(job: _Job) -> None:
     is rewritten after each one, so a kill loses at most the video being made."""
     from storycli.motion.decoders.base import TransitionRequest
     from storycli.motion.video.io import write_mp4
+    from storycli.weights.devices import peak_memory, reset_peak_memory
 
     hooks, options, keyframes, result = job.hooks, job.options, job.keyframes, job.result
     if hooks.on_start:
@@ -626,9 +582,7 @@ def _make_transitions(job: _Job) -> None:
             continue
         if hooks.on_transition:
             hooks.on_transition(f"{record['from']} → {record['to']}")
-        embeddings = (
-            None if job.k_all is None else _predict(job.k_all, job.predictor, a, options.frames)
-        )
+        embeddings = frame_embeddings(job.k_all, job.predictor, a, options.frames)
         request = TransitionRequest(
             start=keyframes[a].image,
             end=keyframes[a + 1].image,
@@ -638,7 +592,10 @@ def _make_transitions(job: _Job) -> None:
             end_prompt=keyframes[a + 1].prompt,
             seed=record["seed"],
         )
+        reset_peak_memory(job.device)
         frames = job.decoder.transition(request, on_step=hooks.on_step)
+        # The GPU peak of this transition (on the CPU the process's, which only grows).
+        record["peak_memory_bytes"], record["peak_memory_kind"] = peak_memory(job.device)
         encoding = job.phase(f"encoding {record['file']}")
         write_mp4(path, frames, job.fps, options.quality, on_frame=encoding)
         job.on_disk[record["file"]] = record

@@ -43,7 +43,7 @@ class VideoPreset:
     """One entry of video_models.yaml: a decoder's whole stack and its settings."""
 
     name: str
-    # animatediff: the SD1.5 base; wan: the Wan FLF2V diffusers repo. Hub id, folder or "tiny".
+    # animatediff: the SD1.5 base; wan, ltx: the whole diffusers repo. Hub id, folder or "tiny".
     base: str
     decoder: str = DEFAULT_VIDEO_PRESET  # which `--decoder` the preset is for
     motion_adapter: str | None = None
@@ -52,6 +52,8 @@ class VideoPreset:
     image_encoder: ComponentRef | None = None
     variant: str | None = None  # of the base, used when running in float16
     size: int = 512  # long side of the rendered video
+    # Pixels per frame (wan, ltx: rendered at this area with the keyframes' aspect; None: size²)
+    area: int | None = None
     steps: int = 25
     guidance: float = 7.5
     fps: int = 8
@@ -69,14 +71,15 @@ _BUILTIN_TINY = VideoPreset(name=TINY, base=TINY, size=64, steps=2, description=
 
 _FIELDS = {f.name for f in dataclasses.fields(VideoPreset)} - {"name"}
 _REF_FIELDS = {f.name for f in dataclasses.fields(ComponentRef)}
-_INTS = ("size", "steps", "fps")
+_INTS = ("size", "area", "steps", "fps")
 _FLOATS = ("guidance", "ip_scale")
 _STRINGS = ("base", "decoder", "motion_adapter", "sparsectrl", "variant", "negative", "description")
-# The keys each decoder's non-tiny presets must have (beyond `base`). Wan's diffusers repo
-# holds its whole stack (text/image encoders, VAE, transformer): nothing else to name.
+# The keys each decoder's non-tiny presets must have (beyond `base`). Wan's and LTX's diffusers
+# repos hold their whole stack (text/image encoders, VAE, transformer): nothing else to name.
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "animatediff": ("motion_adapter", "sparsectrl", "ip_adapter", "image_encoder"),
     "wan": (),
+    "ltx": (),
 }
 
 
@@ -113,6 +116,7 @@ def _parse_preset(name: str, entry: Any, path: Path) -> VideoPreset:
     where = f"{path}: preset '{name}'"
     if not isinstance(entry, dict) or not entry.get("base"):
         raise VideoPresetError(f"{where} needs a `base` (an SD1.5 hub id, folder or 'tiny')")
+    entry = {key: value for key, value in entry.items() if value is not None}  # `key: ~`: default
     unknown = sorted(set(entry) - _FIELDS)
     if unknown:
         raise VideoPresetError(f"{where} has unknown keys {unknown}; known: {sorted(_FIELDS)}")

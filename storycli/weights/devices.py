@@ -5,6 +5,8 @@ placed (offload).
 from __future__ import annotations
 
 import re
+import resource
+import sys
 from typing import Any, Literal
 
 import torch
@@ -97,3 +99,19 @@ def place_pipeline(pipe: Any, device: str, offload: Offload) -> None:
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.to(device)
+
+
+def reset_peak_memory(device: str) -> None:
+    """Count the CUDA peak from here on (a batch's earlier work ran on the same GPU)."""
+    if device.startswith("cuda") and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str) -> tuple[int, str]:
+    """Peak memory since the last `reset_peak_memory`: CUDA max allocated, else the process's
+    peak RSS (which cannot be reset: the process's whole life)."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"

@@ -23,7 +23,6 @@ from storycli.motion.decoders.ltx_tiny import (
     LTX_SIZE_MULTIPLE,
     TINY_LTX_TEXT_LENGTH,
     build_tiny_ltx_condition_pipeline,
-    ltx_frame_count,
     quiet_ltx_schedule,
 )
 from storycli.weights.hub import quiet_loading
@@ -67,13 +66,6 @@ def _video(pipe: Any, first: Image.Image, last: Image.Image, frames: int = FRAME
             generator=torch.Generator().manual_seed(0),
             output_type="np",
         ).frames
-
-
-@pytest.mark.parametrize(
-    ("asked", "frames"), [(1, 9), (9, 9), (10, 17), (16, 17), (17, 17), (18, 25)]
-)
-def test_frame_count_is_8k_plus_1(asked: int, frames: int) -> None:
-    assert ltx_frame_count(asked) == frames
 
 
 def test_conditions_run_on_cpu(pipe: Any) -> None:

@@ -21,7 +21,6 @@ from tiny_models import assert_same_weights
 from storycli.motion.decoders.wan_tiny import (
     WAN_SIZE_MULTIPLE,
     build_tiny_wan_flf2v_pipeline,
-    wan_frame_count,
     wan_pipeline_class,
     wan_prompt_embeds,
 )
@@ -58,11 +57,6 @@ def _video(pipe: Any, first: Image.Image, last: Image.Image, frames: int = FRAME
         generator=torch.Generator().manual_seed(0),
         output_type="np",
     ).frames
-
-
-@pytest.mark.parametrize(("asked", "frames"), [(1, 5), (5, 5), (6, 9), (9, 9), (16, 17), (17, 17)])
-def test_frame_count_is_4k_plus_1(asked: int, frames: int) -> None:
-    assert wan_frame_count(asked) == frames
 
 
 def test_flf2v_runs_on_cpu(pipe: Any) -> None:
@@ -105,8 +99,11 @@ def test_save_and_load_gives_the_same_video(pipe: Any, tmp_path: Path) -> None:
     with quiet_loading():
         loaded = wan_pipeline_class().from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
+    assert_same_weights(pipe, loaded)
     first, last = _keyframe(1), _keyframe(2)
-    np.testing.assert_array_equal(_video(pipe, first, last), _video(loaded, first, last))
+    # Same weights, bit for bit; the loaded ones sit elsewhere in memory, which may change a
+    # BLAS kernel's summation order in the last bits (seen: 5e-7 on the image cross-attention).
+    np.testing.assert_allclose(_video(pipe, first, last), _video(loaded, first, last), atol=1e-5)
 
 
 def test_build_and_call_print_nothing() -> None:

@@ -23,7 +23,12 @@ import torch
 from PIL import Image
 
 from storycli.motion.decoders.base import StepCallback, TransitionRequest
-from storycli.motion.decoders.components import check_local, load_component
+from storycli.motion.decoders.components import (
+    check_local,
+    load_component,
+    load_encoder_ref,
+    pipeline_variant,
+)
 from storycli.motion.presets import (
     ComponentRef,
     VideoPreset,
@@ -40,11 +45,9 @@ from storycli.weights.devices import (
 )
 from storycli.weights.hub import (
     ModelUnavailable,
-    cached_snapshot,
     hub_revision,
-    weights_variant,
 )
-from storycli.weights.image_encoder import ENCODERS, ImageEncoder, load_image_encoder
+from storycli.weights.image_encoder import ImageEncoder
 
 # ------------------------------------------------------------------------------------ loading
 
@@ -100,35 +103,6 @@ def _check_ip_adapter_file(ref: ComponentRef) -> None:
     )
 
 
-def _load_encoder(ref: ComponentRef, device: str, dtype: torch.dtype) -> ImageEncoder:
-    """IP-Adapter's CLIP image tower through `load_image_encoder` (same names, same caches)."""
-    for name, (repo, subfolder) in ENCODERS.items():
-        if (repo, subfolder or None) == (ref.repo, ref.subfolder or None):
-            return load_image_encoder(name, device, dtype)
-    local = local_model_path(ref.repo, Path.cwd())
-    if local is not None:
-        return load_image_encoder(str(local / (ref.subfolder or "")), device, dtype)
-    if not ref.subfolder:
-        return load_image_encoder(ref.repo, device, dtype)
-    # A hub repo + subfolder that encoder.py has no name for: fetch that folder, load it as a
-    # local one, and record the hub location (not the snapshot path) as the encoder's name.
-    from huggingface_hub import snapshot_download
-
-    fetch = f'{ref.repo} --include "{ref.subfolder}/*"'
-    folder = load_component(
-        "image encoder",
-        ref.repo,
-        lambda src, local_only: snapshot_download(
-            src, allow_patterns=[f"{ref.subfolder}/*"], local_files_only=local_only
-        ),
-        fetch,
-    )
-    encoder = load_image_encoder(str(Path(folder) / ref.subfolder), device, dtype)
-    encoder.name = ref.where
-    encoder.revision = hub_revision(ref.repo, f"{ref.subfolder}/config.json")
-    return encoder
-
-
 def _load_real_stack(preset: VideoPreset, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from diffusers import (
         AnimateDiffSparseControlNetPipeline,
@@ -164,14 +138,8 @@ def _load_real_stack(preset: VideoPreset, device: str, dtype: torch.dtype) -> tu
             src, dtype=dtype, local_files_only=local_only
         ),
     )
-    encoder = _load_encoder(enc, device, dtype)
+    encoder = load_encoder_ref(enc, device, dtype)
     preferred = preset.variant if dtype == torch.float16 else None
-
-    def base_variant(src: str, local_only: bool) -> str | None:
-        # What is on disk decides (an fp16-only download runs in float32 too); else the preset.
-        folder = Path(src) if Path(src).is_dir() else cached_snapshot(src) if local_only else None
-        return weights_variant(folder, preferred) if folder is not None else preferred
-
     with quiet_diffusers_models():
         pipe = load_component(
             "base model",
@@ -183,7 +151,7 @@ def _load_real_stack(preset: VideoPreset, device: str, dtype: torch.dtype) -> tu
                 image_encoder=encoder.model,
                 feature_extractor=encoder.processor,
                 dtype=dtype,
-                variant=base_variant(src, local_only),
+                variant=pipeline_variant(src, local_only, preferred),
                 local_files_only=local_only,
             ),
         )

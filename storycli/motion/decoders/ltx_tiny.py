@@ -48,7 +48,6 @@ __all__ = [
     "LTX_TEMPORAL_FACTOR",
     "TINY_LTX_TEXT_LENGTH",
     "build_tiny_ltx_condition_pipeline",
-    "ltx_frame_count",
     "quiet_ltx_schedule",
 ]
 
@@ -68,15 +67,6 @@ _HEAD_DIM = 16  # inner dim 32; LTX's RoPE pads what 3 axes × sin/cos do not fi
 _LATENT_CHANNELS = 8  # the real VAE has 128
 _SCHEDULER_LOGGER = "diffusers.schedulers.scheduling_flow_match_euler_discrete"
 _TIMESTEPS_NOTICE = "`timesteps` were passed without `sigmas`"
-
-
-def ltx_frame_count(frames: int) -> int:
-    """The smallest 8k+1 frame count ≥ `frames` (and ≥ 9): LTX's VAE keeps the first frame,
-    then compresses each 8 into one latent frame. The pipeline does not round other counts:
-    it decodes `(frames - 1) // 8 * 8 + 1` frames, so asking for 8k+1 keeps the last keyframe's
-    `frame_index` the video's last frame."""
-    k = max(1, -(-(max(frames, 2) - 1) // LTX_TEMPORAL_FACTOR))
-    return LTX_TEMPORAL_FACTOR * k + 1
 
 
 def build_tiny_ltx_condition_pipeline(

@@ -36,11 +36,14 @@ def load_decoder(
             steps=steps,
             guidance=guidance,
         )
-    if name == "wan":
-        from storycli.motion.decoders.wan import load_wan_decoder
+    if name in ("wan", "ltx"):
+        if name == "wan":
+            from storycli.motion.decoders.wan import load_wan_decoder as load_end_frames
+        else:
+            from storycli.motion.decoders.ltx import load_ltx_decoder as load_end_frames
 
-        return load_wan_decoder(
-            model or "wan",
+        return load_end_frames(
+            model or name,
             device=device,
             dtype=dtype,
             offload=offload,  # type: ignore[arg-type]

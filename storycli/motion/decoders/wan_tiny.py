@@ -5,9 +5,10 @@ transition code can run `WanImageToVideoPipeline(image=first, last_image=last)` 
 CPU in seconds:
 
 * a `WanTransformer3DModel` taking 36 input channels (16 noisy latent + 4 frame mask + 16
-  keyframe-condition latent channels), with `image_dim` set (CLIP image tokens are
-  cross-attended) and FLF2V's `pos_embed_seq_len` = 2 × the CLIP token count, the learned
-  position embedding that tells the first keyframe's tokens from the last one's;
+  keyframe-condition latent channels), with `image_dim` and `added_kv_proj_dim` set (CLIP image
+  tokens are cross-attended through their own key/value projections) and FLF2V's
+  `pos_embed_seq_len` = 2 × the CLIP token count, the learned position embedding that tells
+  the first keyframe's tokens from the last one's;
 * an `AutoencoderKLWan` with Wan2.1's compression (8× spatial, 4× temporal: videos of 4k+1
   frames, sides multiple of 16 with the transformer's 2×2 patches) and its 16 latent channels'
   mean/std;
@@ -37,18 +38,16 @@ from storycli.motion.decoders.animatediff_tiny import settle_tiny_pipeline
 from storycli.weights.image_encoder import TINY_IMAGE_SIZE, build_tiny_image_encoder
 from storycli.weights.tiny import TINY_SEED
 from storycli.weights.tiny_flux import build_t5_tokenizer
-from storycli.weights.tiny_words import TINY_T5_LENGTH
 
 if TYPE_CHECKING:
     import diffusers
     import transformers
 
 __all__ = [
-    "TINY_WAN_TEXT_LENGTH",
     "WAN_SIZE_MULTIPLE",
     "WAN_TEMPORAL_FACTOR",
+    "WAN_TEXT_LENGTH",
     "build_tiny_wan_flf2v_pipeline",
-    "wan_frame_count",
     "wan_pipeline_class",
     "wan_prompt_embeds",
 ]
@@ -57,8 +56,9 @@ __all__ = [
 WAN_TEMPORAL_FACTOR: int = 4
 #: Frame sides must be multiples of this: the VAE's 8× times the transformer's 2×2 patches.
 WAN_SIZE_MULTIPLE: int = 16
-#: The tiny T5's sequence length (the real Wan2.1 encodes 512 tokens).
-TINY_WAN_TEXT_LENGTH: int = TINY_T5_LENGTH
+#: Wan2.1's UMT5 sequence length. Its attention processor takes the last 512 context tokens as
+#: the text and the ones before as the image's (hard-coded), so the tiny model encodes 512 too.
+WAN_TEXT_LENGTH: int = 512
 #: Wan2.1's own generate.py samples FLF2V with shift 16 (I2V 720P: 5, 480P: 3).
 WAN_FLF2V_FLOW_SHIFT: float = 16.0
 
@@ -86,14 +86,6 @@ def wan_pipeline_class() -> type[diffusers.WanImageToVideoPipeline]:
     finally:
         log.setLevel(level)
     return WanImageToVideoPipeline
-
-
-def wan_frame_count(frames: int) -> int:
-    """The smallest 4k+1 frame count ≥ `frames` (and ≥ 5): Wan's VAE keeps the first frame,
-    then compresses each 4 into one latent frame. The pipeline itself turns other counts into
-    `frames // 4 * 4 + 1` with a logged warning (6 → 5, 8 → 9): asking for 4k+1 avoids both."""
-    k = max(1, -(-(max(frames, 2) - 1) // WAN_TEMPORAL_FACTOR))
-    return WAN_TEMPORAL_FACTOR * k + 1
 
 
 def build_tiny_wan_flf2v_pipeline(
@@ -142,6 +134,10 @@ def _tiny_transformer(image_dim: int) -> diffusers.WanTransformer3DModel:
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         image_dim=image_dim,
+        # The image tokens get their own key/value projections in every cross-attention (as
+        # Wan2.1 I2V/FLF2V's `added_kv_proj_dim` = its inner width); without them they would be
+        # read as more text.
+        added_kv_proj_dim=_HEADS * _HEAD_DIM,
         rope_max_seq_len=32,
         # FLF2V: the first and last keyframes' CLIP tokens side by side, each position learned.
         pos_embed_seq_len=2 * _CLIP_TOKENS,
@@ -226,7 +222,7 @@ def _wan_scheduler() -> diffusers.UniPCMultistepScheduler:
 def wan_prompt_embeds(
     pipe: diffusers.WanImageToVideoPipeline,
     prompts: list[str],
-    max_sequence_length: int = TINY_WAN_TEXT_LENGTH,
+    max_sequence_length: int = WAN_TEXT_LENGTH,
 ) -> torch.Tensor:
     """Encode prompts as `WanImageToVideoPipeline._get_t5_prompt_embeds` does, without ftfy.
 
