@@ -81,6 +81,9 @@ class ModelPreset:
     # Story values for the keys a story leaves out, over configs/defaults.yaml's (a story's
     # own values win); validated as a story's when a story uses the preset (`story.loader`).
     defaults: dict[str, Any] = field(default_factory=dict)
+    # FLUX.1: T5 positions a prompt gets, under the tokenizer's own 512 (schnell was distilled
+    # with 256, and Black Forest Labs' code gives it 256); None: the tokenizer's.
+    t5_tokens: int | None = None
 
 
 class Configs:
@@ -136,6 +139,16 @@ class Configs:
                     f"{self.root / 'models.yaml'}: preset '{name}': `defaults` must be a "
                     "mapping of story keys to values"
                 )
+            t5_tokens = entry.get("t5_tokens")
+            if t5_tokens is not None and (
+                isinstance(t5_tokens, bool)
+                or not isinstance(t5_tokens, int)
+                or not 2 <= t5_tokens <= 512
+            ):
+                raise ConfigFileError(
+                    f"{self.root / 'models.yaml'}: preset '{name}': `t5_tokens` must be a whole "
+                    f"number from 2 to 512 (FLUX.1's T5 positions), got {t5_tokens!r}"
+                )
             out[str(name)] = ModelPreset(
                 name=str(name),
                 source=str(entry["source"]),
@@ -145,5 +158,6 @@ class Configs:
                 vae=str(entry["vae"]) if entry.get("vae") else None,
                 family=family,
                 defaults=defaults,
+                t5_tokens=t5_tokens,
             )
         return out

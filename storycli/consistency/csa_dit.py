@@ -83,7 +83,6 @@ processor falls back to plain attention for the last two; the hook refuses the f
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -97,10 +96,10 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 # The key bias hiding padded or skipped extra keys: the UNet processor's, shared.
 from storycli.consistency.csa import _extra_bias
 from storycli.consistency.csa_state import CSAState, LayerInfo
+from storycli.story.schema import BLOCK_NAME
 
 #: The default blocks (see the module doc): FLUX.1's last 19 single-stream blocks.
 DEFAULT_DIT_BLOCKS: tuple[str, ...] = ("up",)
-_BLOCK_RE = re.compile(r"^(double|single)(?:\.(\d+)(?:-(\d+))?)?$")
 _DOUBLE, _SINGLE = "transformer_blocks", "single_transformer_blocks"
 # The level every DiT layer gets: the packed latent grid is SDXL's sa64 grid (module doc).
 _DIT_LEVEL = "sa64"
@@ -291,27 +290,27 @@ class DiTConsistentAttnProcessor:
 
 
 def _selected(spec: str, n_double: int, n_single: int) -> list[tuple[str, int]]:
-    """The (stack, block index) pairs one `blocks` entry names (module doc)."""
+    """The (stack, block index) pairs one `blocks` entry names (module doc; the names are the
+    story format's `BLOCK_NAME`)."""
     half = n_single // 2
-    words = {
-        "down": [(_DOUBLE, i) for i in range(n_double)],
-        "mid": [(_SINGLE, i) for i in range(half)],
-        "up": [(_SINGLE, i) for i in range(half, n_single)],
-    }
-    if spec in words:
-        return words[spec]
-    match = _BLOCK_RE.match(spec)
+    streams = {"double": (_DOUBLE, n_double), "single": (_SINGLE, n_single)}
+    match = BLOCK_NAME.fullmatch(spec)
     if match is None:
         raise ValueError(
             f"unknown DiT block {spec!r}: use down, mid, up, double, single, "
             "double.<i>, single.<i> or a range like single.<i>-<j>"
         )
-    kind, first, last = match.groups()
-    stack, count = (_DOUBLE, n_double) if kind == "double" else (_SINGLE, n_single)
-    if first is None:
-        return [(stack, i) for i in range(count)]
-    lo = int(first)
-    hi = int(last) if last is not None else lo
+    word, kind, first, last = match.groups()
+    words = {
+        "down": [(_DOUBLE, i) for i in range(n_double)],
+        "mid": [(_SINGLE, i) for i in range(half)],
+        "up": [(_SINGLE, i) for i in range(half, n_single)],
+    }
+    words |= {name: [(stack, i) for i in range(n)] for name, (stack, n) in streams.items()}
+    if word is not None:
+        return words[word]
+    stack, count = streams[kind]
+    lo, hi = int(first), int(last if last is not None else first)
     if not lo <= hi < count:
         raise ValueError(f"DiT block {spec!r}: the transformer has {count} {kind}-stream blocks")
     return [(stack, i) for i in range(lo, hi + 1)]

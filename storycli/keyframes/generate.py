@@ -381,6 +381,10 @@ def _load_model(job: _Job, models: Any) -> tuple[LoadedModel | None, bool]:
         **job.load_options(),
     )
     check_family(job.plan, loaded.family)  # a hub id's, known only now
+    if job.plan.story.uses_csa:  # block names the loaded network has not (FLUX.1 ranges)
+        from storycli.keyframes.backbones.select import backbone_for
+
+        backbone_for(loaded.pipe).csa_layers(job.plan.story.consistency.blocks)
     if loaded.describe() != job.info.describe():  # the load downloaded: a revision is known
         job.info = loaded
         _prepare_run(job)

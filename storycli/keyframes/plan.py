@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from storycli.config import Configs, Style
 from storycli.consistency.consolidate import Consolidated, consolidated_frames
-from storycli.keyframes.t5_budget import T5Counter, t5_counter
+from storycli.keyframes.t5_budget import T5Counter, preset_t5_tokens, t5_counter
 from storycli.saved_banks import read_meta
 from storycli.seeds import derive_seed
 from storycli.story.checks import story_warnings
@@ -136,6 +136,9 @@ class Plan:
     # The model's family as known before loading ("sdxl", "flux"; None: a hub id not cached).
     # Not in frame keys: the model's id already tells frames of different families apart.
     family: str | None = None
+    # FLUX.1: the model preset's T5 positions per prompt (`t5_tokens:`; None: the tokenizer's).
+    # In frame keys only when set: a different length is a different text encoding.
+    t5_tokens: int | None = None
 
     def dependencies(self, index: int) -> tuple[int, ...]:
         """Frames whose inputs shape this frame's pixels: its call's batch, the references it
@@ -190,7 +193,7 @@ class Plan:
                 if any(c is not None for c in photos)
                 else {}
             ),
-            "model": model,
+            "model": model | ({"t5_tokens": self.t5_tokens} if self.t5_tokens else {}),
             "settings": settings | {"consistency": consistency},
             "cast": story.cast,
             "frame": index,
@@ -314,6 +317,7 @@ def build_plan(story: Story, configs: Configs | None = None, base_dir: Path | No
         banks,
         {owner: _file_sha256(adapter.image) for owner, adapter in story.photos()},
         family,
+        preset_t5_tokens(story.model, configs) if family == "flux" else None,
     )
 
 

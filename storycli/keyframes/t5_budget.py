@@ -2,7 +2,8 @@
 
 FLUX.1 reads a prompt twice: CLIP's pooled vector (cut at 77 tokens, as SDXL's; expected, so not
 warned about) and T5's per-token states, up to the T5 tokenizer's `model_max_length` (at most
-512; the backbone's `sequence_length`). The plan counts each prompt with the model's own T5
+512), or the model preset's `t5_tokens` when less (schnell's 256): the plan's `t5_tokens`, the
+backbone's `sequence_length`. The plan counts each prompt with the model's own T5
 tokenizer where one is on disk (a local folder's or cached snapshot's `tokenizer_2/tokenizer.json`,
 read with the `tokenizers` library; the tiny model's built in code), so `validate` and `--dry-run`
 warn about what T5 would drop, before any load.
@@ -74,13 +75,25 @@ def _read_tokenizer(folder: Path) -> T5Counter | None:
     return T5Counter(tokenizer, budget)
 
 
+def preset_t5_tokens(model: str, configs: Configs) -> int | None:
+    """The `t5_tokens:` of the preset `model` names (None: not a preset, or it sets none)."""
+    preset = configs.presets.get(model)
+    return preset.t5_tokens if preset is not None else None
+
+
 def t5_counter(model: str, configs: Configs, base_dir: Path) -> T5Counter | None:
     """The T5 counter of a FLUX.1 story's `model:`, or None when no T5 tokenizer is on disk
-    (a hub id not cached, a single transformer file)."""
+    (a hub id not cached, a single transformer file). Its budget is the tokenizer's, or the
+    preset's `t5_tokens` when that is less."""
     source = model_source(model, configs, base_dir)
     if source == "tiny-flux":
         from storycli.weights.tiny_words import TINY_T5_LENGTH, t5_unigram
 
-        return T5Counter(t5_unigram(), TINY_T5_LENGTH)
-    folder = source_folder(source)
-    return _read_tokenizer(folder) if folder is not None else None
+        counter: T5Counter | None = T5Counter(t5_unigram(), TINY_T5_LENGTH)
+    else:
+        folder = source_folder(source)
+        counter = _read_tokenizer(folder) if folder is not None else None
+    tokens = preset_t5_tokens(model, configs)
+    if counter is None or tokens is None or tokens >= counter.budget:
+        return counter
+    return T5Counter(counter.tokenizer, tokens)

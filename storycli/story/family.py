@@ -119,6 +119,24 @@ def flux_refusals(story: Story) -> list[tuple[Loc, str]]:
     return out
 
 
+def sdxl_refusals(story: Story) -> list[tuple[Loc, str]]:
+    """The story's settings only FLUX.1 has: its transformer block names in `blocks`."""
+    from storycli.story.schema import UNET_BLOCKS
+
+    dit = [b for b in story.consistency.blocks if b not in UNET_BLOCKS]
+    if not dit:
+        return []
+    return [
+        (
+            ("consistency", "blocks"),
+            f"{', '.join(dit)} {'names' if len(dit) == 1 else 'name'} FLUX.1 transformer "
+            f"blocks; SDXL's UNet takes {', '.join(UNET_BLOCKS)}",
+        )
+    ]
+
+
 def family_refusals(family: str | None, story: Story) -> list[tuple[Loc, str]]:
-    """What a model `family` cannot run of `story` (SDXL, and an unknown family: nothing)."""
-    return flux_refusals(story) if family == "flux" else []
+    """What a model `family` cannot run of `story` (an unknown family: nothing yet)."""
+    if family == "flux":
+        return flux_refusals(story)
+    return sdxl_refusals(story) if family == "sdxl" else []

@@ -65,6 +65,28 @@ def _too_long(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_text_limit)]
 
+#: `consistency.blocks` entries: SDXL's UNet parts (also FLUX.1's, by analogy), or FLUX.1's
+#: transformer blocks by stream and index (`consistency.csa_dit` has the meaning of each).
+UNET_BLOCKS = ("down", "mid", "up")
+#: Groups: a word (a UNet part or a whole stream), or a stream, its first and last index.
+BLOCK_NAME = re.compile(r"(down|mid|up|double|single)|(double|single)\.(\d+)(?:-(\d+))?")
+
+
+def _check_block(value: str) -> str:
+    match = BLOCK_NAME.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            f"unknown block {value!r}: use down, mid, up or, on FLUX.1, double, single, "
+            "double.<i>, single.<i> or a range like single.20-37"
+        )
+    first, last = match.group(3), match.group(4)
+    if last is not None and int(last) < int(first):
+        raise ValueError(f"block range {value!r} goes down: write the lower index first")
+    return value
+
+
+BlockName = Annotated[str, AfterValidator(_check_block)]
+
 
 class Bank(_Strict):
     """What the reference bank holds (see README, "Story format")."""
@@ -122,7 +144,7 @@ class Consistency(_Strict):
     sa32: Rate
     sa64: Rate
     id_length: int = Field(ge=1)
-    blocks: list[Literal["down", "mid", "up"]] = Field(min_length=1)
+    blocks: list[BlockName] = Field(min_length=1)
     warmup_steps: int = Field(ge=0)
     prob_early: Rate
     prob_late: Rate

@@ -247,3 +247,38 @@ def test_flux_presets() -> None:
     assert (info.family, info.tiny, info.dtype) == ("flux", True, "float32")
     raw = yaml.safe_load((Configs().root / "models.yaml").read_text(encoding="utf-8"))
     assert "Non-Commercial" in raw["flux-dev"]["description"]
+
+
+# ------------------------------------------------------------------ the preset's T5 length
+
+
+def test_a_presets_t5_tokens_set_the_prompt_length_and_the_frame_keys(tmp_path: Path) -> None:
+    """schnell's convention: a preset's `t5_tokens` (256 for flux-schnell) under the tokenizer's
+    own length; the plan carries it to the backbone and into the frame keys."""
+    import dataclasses
+
+    pipe = build_tiny_flux_pipeline()
+    plan, size = plan_of(tmp_path)
+    assert plan.t5_tokens is None  # tiny-flux sets none: the tokenizer's own length
+    backbone = FluxBackbone(pipe)
+    calls = [[plan.frames[0]]]
+    full = backbone.conditioning(plan, calls, size, cfg=False).text
+    assert full.shape[1] == pipe.tokenizer_2.model_max_length
+
+    short = dataclasses.replace(plan, t5_tokens=16)
+    assert backbone.conditioning(short, calls, size, cfg=False).text.shape[1] == 16
+    model = {"id": "tiny-flux"}
+    assert short.frame_key(0, model) != plan.frame_key(0, model)
+    longer = dataclasses.replace(plan, t5_tokens=4096)  # never past the tokenizer's own
+    assert backbone.sequence_length(longer) == pipe.tokenizer_2.model_max_length
+
+
+def test_a_block_past_the_transformers_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    csa = {"method": "storydiffusion", "id_length": 1, "blocks": ["single.1-99"]}
+    story = flux_story(consistency=csa)
+    path = write_story(tmp_path / "story.yaml", story)
+    result = run_cli("generate", path, "--out", tmp_path / "out", code=2)
+    assert "consistency.blocks: DiT block 'single.1-99': the transformer has" in result.stderr
+    assert not (tmp_path / "out").exists()

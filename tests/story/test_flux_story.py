@@ -118,6 +118,32 @@ def test_preset_defaults_are_checked_as_a_storys_keys(
     assert f"preset 'bad' {message}" in str(error.value)
 
 
+@pytest.mark.parametrize("tokens", [1, 513, "256", True])
+def test_t5_tokens_out_of_range_is_a_configuration_error(tmp_path: Path, tokens: object) -> None:
+    configs = configs_with(tmp_path, {"odd": {"source": "tiny-flux", "t5_tokens": tokens}})
+    with pytest.raises(ConfigFileError, match="preset 'odd': `t5_tokens` must be a whole number"):
+        _ = configs.presets
+
+
+def test_a_presets_t5_tokens_is_the_budget_the_plan_counts_with(tmp_path: Path) -> None:
+    assert Configs().presets["flux-schnell"].t5_tokens == 256
+    assert Configs().presets["flux-dev"].t5_tokens is None  # the tokenizer's 512
+    configs = configs_with(
+        tmp_path, {"short-flux": {"source": "tiny-flux", "family": "flux", "t5_tokens": 8}}
+    )
+    story = load_story(flux(tmp_path, "short-flux", frame="runs in the forest"), configs)
+    plan = build_plan(story, configs)
+    assert plan.t5_tokens == 8
+    [warning] = plan.warnings
+    assert "over FLUX.1's T5 budget of 8" in warning.message
+    # Over the tokenizer's own length, the tokenizer's (tiny: 64) stays the budget.
+    roomy = configs_with(
+        tmp_path / "b", {"roomy": {"source": "tiny-flux", "family": "flux", "t5_tokens": 500}}
+    )
+    plan = build_plan(load_story(flux(tmp_path, "roomy", frame=LONG), roomy), roomy)
+    assert f"budget of {TINY_T5_LENGTH}:" in plan.warnings[0].message
+
+
 def test_an_unknown_family_is_a_configuration_error(tmp_path: Path) -> None:
     configs = configs_with(tmp_path, {"odd": {"source": "tiny", "family": "unet"}})
     with pytest.raises(ConfigFileError, match="family 'unet'"):
@@ -254,3 +280,52 @@ def test_dry_run_accepts_compile_on_a_flux_preset(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["generate", str(path), "--dry-run", "--compile"])
     assert result.exit_code == 0, result.output
     assert "not supported" not in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# Which blocks take CSA
+
+
+def with_blocks(folder: Path, model: str, blocks: str) -> Path:
+    return write(
+        folder,
+        f"""\
+        model: {model}
+        identity: a girl with a red scarf
+        consistency: {{method: storydiffusion, id_length: 1, blocks: {blocks}}}
+        frames: ["runs", "sits"]
+        """,
+    )
+
+
+@pytest.mark.parametrize("blocks", ["[single.20-37, double.0]", "[up, double]", "[single.5]"])
+def test_flux_stories_name_transformer_blocks(tmp_path: Path, blocks: str) -> None:
+    story = load_story(with_blocks(tmp_path, "flux-schnell", blocks))
+    assert list(story.consistency.blocks) == yaml.safe_load(blocks)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "message"),
+    [
+        ("[single.7-3]", "block range 'single.7-3' goes down: write the lower index first"),
+        ("[triple]", "unknown block 'triple': use down, mid, up or, on FLUX.1, double, single"),
+        ("[single.-1]", "unknown block 'single.-1'"),
+        ("[up, up]", "list each block at most once"),
+    ],
+)
+def test_bad_block_names_are_refused(tmp_path: Path, blocks: str, message: str) -> None:
+    with pytest.raises(StoryError) as error:
+        load_story(with_blocks(tmp_path, "flux-schnell", blocks))
+    assert message in str(error.value)
+
+
+def test_sdxl_refuses_transformer_block_names_in_one_line(tmp_path: Path) -> None:
+    path = with_blocks(tmp_path, "tiny", "[up, single.20-37]")
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert (
+        "consistency.blocks: single.20-37 names FLUX.1 transformer blocks; SDXL's UNet"
+        in (lines[0])
+    )

@@ -12,7 +12,7 @@ VAE's scale and shift.
 
 CSA goes in through its DiT half (`consistency/csa_dit.py`), window mode too
 (`windowed_transformer`). What does not carry over to FLUX yet is refused before loading
-(`support.flux_refusal`): IP-Adapter photos, 1Prompt1Story, FreeU. `--compile` compiles the
+(`support.refusal`): IP-Adapter photos, 1Prompt1Story, FreeU. `--compile` compiles the
 transformer's repeated blocks as on SDXL (`base.compiled_blocks`).
 """
 
@@ -32,8 +32,9 @@ from storycli.consistency.csa import window_starts
 from storycli.consistency.csa_dit import dit_csa_layers, installed_dit_csa
 from storycli.consistency.csa_state import CSAState, LayerInfo
 from storycli.consistency.ip_adapter import Photos
+from storycli.errors import InvalidInput
 from storycli.keyframes.backbones.base import compiled_blocks, forward_replaced, window_mean
-from storycli.keyframes.backbones.support import flux_refusal
+from storycli.keyframes.backbones.support import refusal
 from storycli.keyframes.plan import Plan, PlannedFrame
 from storycli.keyframes.schedule import RenderSize
 from storycli.keyframes.t5_budget import MAX_T5_TOKENS  # the plan counts against the same
@@ -128,10 +129,11 @@ class FluxBackbone:
 
     # -- text --------------------------------------------------------------------------------
 
-    def sequence_length(self) -> int:
-        """T5's token budget: the tokenizer's own (schnell 256, dev 512), at most 512."""
+    def sequence_length(self, plan: Plan) -> int:
+        """T5's token budget: the tokenizer's own, at most 512, or the model preset's
+        `t5_tokens` when less (schnell: 256)."""
         budget = getattr(self.pipe.tokenizer_2, "model_max_length", None) or MAX_T5_TOKENS
-        return min(int(budget), MAX_T5_TOKENS)
+        return min(int(budget), MAX_T5_TOKENS, plan.t5_tokens or MAX_T5_TOKENS)
 
     def conditioning(
         self,
@@ -148,7 +150,7 @@ class FluxBackbone:
                 prompt_2=None,
                 device=self.device,
                 num_images_per_prompt=1,
-                max_sequence_length=self.sequence_length(),
+                max_sequence_length=self.sequence_length(plan),
             )
             texts.append(text)
             pooled.append(pool)
@@ -328,7 +330,7 @@ class FluxBackbone:
 
     def freeu(self, plan: Plan) -> AbstractContextManager[None]:
         if plan.story.freeu is not None:
-            raise NotImplementedError(flux_refusal(plan.story))
+            raise NotImplementedError(refusal("flux", plan.story))
         return nullcontext()
 
     def release(self) -> None:
@@ -337,7 +339,10 @@ class FluxBackbone:
     # -- Consistent Self-Attention -----------------------------------------------------------
 
     def csa_layers(self, blocks: Sequence[str]) -> list[LayerInfo]:
-        return dit_csa_layers(self.transformer, blocks)
+        try:
+            return dit_csa_layers(self.transformer, blocks)
+        except ValueError as exc:  # a block index past this transformer's (known only now)
+            raise InvalidInput(f"consistency.blocks: {exc}") from exc
 
     def installed_csa(self, state: CSAState) -> AbstractContextManager[Any]:
         return installed_dit_csa(self.transformer, state)
