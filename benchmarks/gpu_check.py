@@ -822,15 +822,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write_results(results: dict[str, Any], out: Path, stem: str) -> tuple[Path, Path]:
+    from storycli.atomic import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     for path, text in (
         (json_path, json.dumps(results, indent=2) + "\n"),
         (md_path, markdown(results)),
     ):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_text(path, text)
     return json_path, md_path
 
 

@@ -544,17 +544,17 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def write_results(payload: dict[str, Any], out: Path, stem: str, t0: float) -> Path:
+    from storycli.atomic import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
     payload["meta"]["wall_seconds"] = time.perf_counter() - t0
     json_path = out / f"{stem}.json"
-    # Atomically: the GPU run may be killed mid-write and its files read back.
+    # Atomically (storycli.atomic): the GPU run may be killed mid-write, its files read back.
     for path, text in (
         (json_path, json.dumps(payload, indent=1, default=str) + "\n"),
         (json_path.with_suffix(".md"), markdown(payload)),
     ):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_text(path, text)
     return json_path
 
 
