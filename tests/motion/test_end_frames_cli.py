@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from animate_runs import kill_while_encoding, noise_keyframes, rerun, temp_files
+from animate_runs import kill_while_encoding, noise_keyframes, temp_files
 from cli_runs import run_cli
 from PIL import Image
 
@@ -114,7 +114,8 @@ def test_killed_while_writing_resumes_with_the_same_command(
     assert done[0] == "transition_01_02.mp4"
     first = (out / "transition_01_02.mp4").stat().st_mtime_ns
 
-    summary = json.loads(rerun([*args, "--json"]).stdout)
+    # The same command again (in process: the kill above was of a real process).
+    summary = json.loads(run_cli("animate", *args, "--json").stdout)
     remade = [Path(p).name for p in summary["generated"]]
     assert remade == [*(t for t in TRANSITIONS if t not in done), "story.mp4"]
     assert (out / "transition_01_02.mp4").stat().st_mtime_ns == first  # kept, not remade
