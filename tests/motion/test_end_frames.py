@@ -83,3 +83,22 @@ def test_end_weights_clamp_overshoot_and_handle_equal_ends() -> None:
     torch.testing.assert_close(end_weights(p, 4)[:, 1], torch.tensor([1e-4, 1.0, 1e-4, 1.0]))
     same = torch.ones(3, 4)  # both keyframes alike: no direction, so linear in time
     torch.testing.assert_close(end_weights(same, 3)[:, 1], torch.tensor([1e-4, 0.5, 1.0]))
+
+
+def test_offload_only_when_the_weights_and_a_margin_do_not_fit() -> None:
+    from storycli.motion.decoders.end_frames import fits_in_memory, prepare_real_pipeline
+    from storycli.motion.decoders.ltx_tiny import build_tiny_ltx_condition_pipeline
+
+    pipe = build_tiny_ltx_condition_pipeline()
+    weights = sum(
+        p.numel() * p.element_size()
+        for m in pipe.components.values()
+        if isinstance(m, torch.nn.Module)
+        for p in m.parameters()
+    )
+    margin = 4 * 2**30 + weights * 1.25
+    assert fits_in_memory(pipe, int(margin) + 1)
+    assert not fits_in_memory(pipe, int(margin) - 1)
+    # On the CPU nothing is offloaded; the VAE decodes in tiles either way.
+    assert prepare_real_pipeline(pipe, "cpu", "none") == "none"
+    assert pipe.vae.use_tiling

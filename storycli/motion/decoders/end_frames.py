@@ -102,27 +102,28 @@ def load_real_pipeline(label: str, pipeline: Any, preset: VideoPreset, dtype: to
 def prepare_real_pipeline(pipe: Any, device: str, offload: Offload) -> Offload:
     """Settings for a real (not tiny) end-frames pipeline before it is placed: the VAE decodes
     in tiles (a 720p video's decode alone would take tens of GB), and on a GPU too small for
-    the whole pipeline (see `fits_on_gpu`) `--offload none`, the default, becomes model CPU
+    the whole pipeline (see `fits_in_memory`) `--offload none`, the default, becomes model CPU
     offload. Returns the offload mode to place the pipeline with."""
     pipe.vae.enable_tiling()
-    if offload == "none" and torch.device(device).type == "cuda" and not fits_on_gpu(pipe, device):
-        return "model"
+    if offload == "none" and torch.device(device).type == "cuda":
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        if not fits_in_memory(pipe, total):
+            return "model"
     return offload
 
 
-def fits_on_gpu(pipe: Any, device: str) -> bool:
+def fits_in_memory(pipe: Any, total_bytes: int) -> bool:
     """Whether all of the pipeline's weights, plus a quarter for activations and 4 GiB for the
-    VAE's tiles, fit the GPU's total memory (a rule of thumb until the benchmarks measure it:
-    Wan2.1 FLF2V in bf16 is about 46 GB of weights with UMT5-XXL and CLIP, LTX-Video 0.9.5
-    with T5-XXL about 16 GB)."""
+    VAE's tiles, fit in `total_bytes` (a rule of thumb until the benchmarks measure it: Wan2.1
+    FLF2V in bf16 is about 46 GB of weights with UMT5-XXL and CLIP, LTX-Video 0.9.5 with
+    T5-XXL about 16 GB)."""
     weights = sum(
         p.numel() * p.element_size()
         for module in pipe.components.values()
         if isinstance(module, torch.nn.Module)
         for p in module.parameters()
     )
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return weights * 1.25 + 4 * 2**30 <= total
+    return weights * 1.25 + 4 * 2**30 <= total_bytes
 
 
 def load_end_frames_decoder(
