@@ -58,8 +58,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # story_loop's memory probes, when loaded by path (the tests)
-from story_loop import Memory  # noqa: E402
+sys.path.insert(0, str(HERE))  # story_loop's shared helpers, when loaded by path (the tests)
+from story_loop import Memory, made_on, settle, sync  # noqa: E402
 
 GIB, MIB = 2**30, 2**20
 
@@ -131,24 +131,16 @@ PROMPTS = (
 def build_transformer(device: Any, dtype: Any, seed: int) -> Any:
     """FLUX.1-dev's transformer with random weights, made on `device` in `dtype` (parameters
     are created there: no float32 copy, nothing on the host)."""
-    import torch
     from diffusers import FluxTransformer2DModel
 
-    previous = torch.get_default_dtype()
-    torch.manual_seed(seed)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
-    finally:
-        torch.set_default_dtype(previous)
+    with made_on(device, dtype, seed):
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
     return transformer.eval().requires_grad_(False)
 
 
 def build_pipeline(transformer: Any, device: Any, dtype: Any, seed: int) -> Any:
     """A `FluxPipeline` around `transformer`: FLUX.1's VAE architecture, small random CLIP
     (pooled 768) and T5 (hidden 4096, 512 tokens) with the offline tokenizers."""
-    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -181,19 +173,11 @@ def build_pipeline(transformer: Any, device: Any, dtype: Any, seed: int) -> Any:
         eos_token_id=tokenizer_2.eos_token_id,
         decoder_start_token_id=tokenizer_2.pad_token_id,
     )
-    previous = torch.get_default_dtype()
-    torch.manual_seed(seed + 1)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            vae = AutoencoderKL(**FLUX_VAE)
-            text_encoder = CLIPTextModel(clip)
-            text_encoder_2 = T5EncoderModel(t5)
-    finally:
-        torch.set_default_dtype(previous)
-    for module in (vae, text_encoder, text_encoder_2):
-        module.eval().requires_grad_(False)
-        torch.nn.Module.to(module, device=device, dtype=dtype)  # buffers made as float32
+    with made_on(device, dtype, seed + 1):
+        vae = AutoencoderKL(**FLUX_VAE)
+        text_encoder = CLIPTextModel(clip)
+        text_encoder_2 = T5EncoderModel(t5)
+    settle((vae, text_encoder, text_encoder_2), device, dtype)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
         vae=vae,
@@ -235,13 +219,6 @@ def build_models(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
             "config": dict(transformer.config),
         },
     )
-
-
-def sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ Results go to ``<out>/story-<device>-<date>.{json,md}`` (``story-<device>-quick-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +137,44 @@ def process_peak_rss() -> int:
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def made_on(device: Any, dtype: Any, seed: int) -> Iterator[None]:
+    """Parameters created on `device` in `dtype` (no float32 copy to inflate the peak, nothing
+    on the host), from `seed`."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def settle(modules: Iterable[Any], device: Any, dtype: Any) -> None:
+    """Modules made under `made_on` ready to run: eval, no grad, buffers (made as float32) in
+    `dtype` too."""
+    import torch
+
+    for module in modules:
+        module.eval().requires_grad_(False)
+        torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
+def sync(device: Any) -> None:
+    """Wait for the GPU's queued work (timings); nothing on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def build_sdxl_pipeline(dtype: Any, device: Any, seed: int) -> Any:
     """SDXL's UNet and VAE architectures with random weights, small random text encoders with
     SDXL's output sizes, storycli.weights.tiny's tokenizers; parameters created in `dtype` on
     `device` (no float32 copy to inflate the peak)."""
-    import torch
     from diffusers import (
         AutoencoderKL,
         StableDiffusionXLPipeline,
@@ -168,20 +203,12 @@ def build_sdxl_pipeline(dtype: Any, device: Any, seed: int) -> Any:
 
     unet_config = json.loads(SDXL_CONFIG.read_text())
     unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
-    previous = torch.get_default_dtype()
-    torch.manual_seed(seed)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            unet = UNet2DConditionModel(**unet_config)
-            vae = AutoencoderKL(**SDXL_VAE)
-            text_encoder = CLIPTextModel(text_config(tokenizer, 768, 12, "quick_gelu"))
-            text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, 1280, 20, "gelu"))
-    finally:
-        torch.set_default_dtype(previous)
-    for module in (unet, vae, text_encoder, text_encoder_2):
-        module.eval().requires_grad_(False)
-        torch.nn.Module.to(module, device=device, dtype=dtype)
+    with made_on(device, dtype, seed):
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**SDXL_VAE)
+        text_encoder = CLIPTextModel(text_config(tokenizer, 768, 12, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, 1280, 20, "gelu"))
+    settle((unet, vae, text_encoder, text_encoder_2), device, dtype)
     scheduler = sdxl_euler_scheduler()
     return StableDiffusionXLPipeline(
         vae=vae,

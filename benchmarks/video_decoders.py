@@ -39,7 +39,6 @@ measurement.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as dt
 import gc
@@ -50,13 +49,12 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # story_loop's memory probes, when loaded by path (the tests)
-from story_loop import Memory  # noqa: E402
+sys.path.insert(0, str(HERE))  # story_loop's shared helpers, when loaded by path (the tests)
+from story_loop import Memory, made_on, settle, sync  # noqa: E402
 
 GIB = 2**30
 DECODERS = ("ltx", "wan")  # run order: LTX (2B, quick) first, then Wan's 14B
@@ -96,29 +94,6 @@ OFFLOAD_TRANSFER_S = 60.0  # model CPU offload's first moves of ~40 GB, a guess 
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def made_on(device: Any, dtype: Any, seed: int) -> Iterator[None]:
-    """Parameters created on `device` in `dtype` (no float32 copy, nothing on the host)."""
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.manual_seed(seed)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def settle(modules: list[Any], device: Any, dtype: Any) -> None:
-    import torch
-
-    for module in modules:
-        module.eval().requires_grad_(False)
-        torch.nn.Module.to(module, device=device, dtype=dtype)  # buffers made as float32
 
 
 def text_config(cls: Any, xxl: dict[str, Any], tokenizer: Any, layers: int | None) -> Any:
@@ -267,13 +242,6 @@ def load_decoder(name: str, args: argparse.Namespace) -> tuple[Any, dict[str, An
         "guidance": decoder.guidance,
         "vae_tiling": not args.tiny,
     }
-
-
-def sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def keyframe_embeddings(
     the decoder's image encoder."""
     from storycli.motion.predictor.model import PredictorError, weights_path
 
-    wanted = predictor is not None or getattr(decoder, "baseline_embeddings", True)
+    wanted = predictor is not None or decoder.baseline_embeddings
     encoder = decoder.image_encoder if wanted else None
     if encoder is None:
         if predictor is not None:

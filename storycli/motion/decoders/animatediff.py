@@ -261,6 +261,7 @@ class AnimateDiffDecoder:
     """
 
     name = "animatediff"
+    baseline_embeddings = True
 
     def __init__(
         self,

@@ -34,6 +34,9 @@ class TransitionDecoder(Protocol):
     # The encoder whose embedding space `embeddings` must be in (the decoder's own image
     # encoder, e.g. IP-Adapter's); None for decoders that do not use embeddings.
     image_encoder: ImageEncoder | None
+    # Whether, without a predictor, it takes the linear baseline between the keyframes'
+    # embeddings (animatediff) or no embeddings at all (wan: its own image conditioning).
+    baseline_embeddings: bool
     fps: int  # the frame rate the decoder's motion is made for
     max_frames: int | None  # the longest transition it can make (None: any)
 

@@ -30,6 +30,7 @@ def blend(
 class CrossfadeDecoder:
     name = "crossfade"
     image_encoder = None
+    baseline_embeddings = True
     fps = 8
     max_frames: int | None = None
 

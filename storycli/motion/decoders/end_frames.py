@@ -164,6 +164,7 @@ class EndFramesDecoder:
     size_multiple: int = 16
     min_steps: int = 1
     image_encoder: Any = None  # decoders that can take the predictor's P_i override this
+    baseline_embeddings = False  # without a predictor: the model's own image conditioning
     max_frames = None
 
     def __init__(

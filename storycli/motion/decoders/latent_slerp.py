@@ -71,6 +71,7 @@ def load_vae(model: str | None, device: str, dtype: str) -> tuple[Any, str]:
 class LatentSlerpDecoder:
     name = "latent-slerp"
     image_encoder = None
+    baseline_embeddings = True
     fps = 8
     max_frames: int | None = None
 

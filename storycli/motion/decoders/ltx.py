@@ -53,7 +53,6 @@ class LtxDecoder(EndFramesDecoder):
     min_steps = LTX_MIN_STEPS
     pipeline_class = staticmethod(_ltx_pipeline_class)
     tiny_pipeline = staticmethod(build_tiny_ltx_condition_pipeline)
-    baseline_embeddings = False
 
     @property
     def text_length(self) -> int:

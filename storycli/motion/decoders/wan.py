@@ -54,8 +54,6 @@ class WanDecoder(EndFramesDecoder):
     size_multiple = WAN_SIZE_MULTIPLE
     pipeline_class = staticmethod(wan_pipeline_class)
     tiny_pipeline = staticmethod(build_tiny_wan_flf2v_pipeline)
-    # Without a predictor Wan's own image conditioning is used unchanged: no embeddings.
-    baseline_embeddings = False
 
     def __init__(self, pipe: Any, preset: VideoPreset, **settings: Any) -> None:
         super().__init__(pipe, preset, **settings)
