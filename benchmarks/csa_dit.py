@@ -20,6 +20,12 @@ Two parts, in one process, on one transformer (issue 22):
    peak counts only what the story allocates on top of what stays allocated (the pipeline,
    recorded as the baseline), so a fresh process per story would cost a 24 GB rebuild for
    nothing; on CPU (``--tiny``) peaks may include earlier stories' heap (a smoke test).
+3. **Q8_0 GGUF**: the bfloat16 transformer leaves the device; a random Q8_0 GGUF file of the
+   same transformer (``benchmarks/flux_gguf.py``: city96's ``flux1-dev-Q8_0.gguf`` layout, drawn
+   on the device, written to /dev/shm when it has room) is loaded by storycli's own loader (what
+   ``model: flux1-dev-Q8_0.gguf`` runs: weights kept quantized, each layer dequantized to
+   bfloat16 for its matmul), and the stories of part 2 run again on it: issue 22's "≤ 17 GiB".
+   Skipped when less than ``GGUF_MIN_S`` of the budget is left (file ≈ 13 GB: ≈ 30-60 s).
 
 The model: FLUX.1-dev's real transformer (19 double- + 38 single-stream blocks, 24 heads × 128,
 joint_attention_dim 4096, pooled 768, guidance embedding, RoPE axes (16, 56, 56); 11.9 B
@@ -67,6 +73,8 @@ GIB, MIB = 2**30, 2**20
 TIME_TARGET = 1.15  # CSA / stock time per image at FLUX.1 size, 1024²
 PEAK_OVER_WEIGHTS_GIB = 4.0  # story peak ≤ transformer weights + 4 GiB (bf16, 1024², 6 frames)
 GROWTH_TOLERANCE = 1.01  # "flat in frames": the longest story's CSA peak within 1 % of the shortest
+GGUF_PEAK_GIB = 17.0  # story peak with a Q8_0 GGUF transformer (fits a 24 GB card with room)
+GGUF_MIN_S = 120.0  # the least budget left to start the GGUF part (a 13 GB file; tiny: none)
 
 #: FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
 FLUX_DEV_TRANSFORMER: dict[str, Any] = {
@@ -111,6 +119,7 @@ FLUX_SCHEDULER: dict[str, Any] = {
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
 }
+PARTS = ("forward", "story", "gguf")
 T5_TOKENS = 512  # FLUX.1-dev's T5 budget: 512 text tokens next to 4096 image tokens at 1024²
 TEXT_LAYERS = 2  # the text encoders only need their output sizes: two layers are plenty
 PROMPTS = (
@@ -509,6 +518,72 @@ def run_stories(
     return runs
 
 
+def run_story_part(
+    pipe: Any,
+    args: argparse.Namespace,
+    deadline: float,
+    say: Any,
+    save: Any,
+    weight_bytes: int,
+    record: dict[str, Any],
+) -> None:
+    """Part 2 (and part 3's stories) into `record`, a dict already in the payload: the runs and
+    their summary, saved after each story."""
+    import torch
+
+    record["peak_metric"] = Memory(torch.device(args.device)).metric
+
+    def save_runs(runs: list[dict[str, Any]]) -> None:
+        record["runs"] = runs
+        record["summary"] = story_summary(runs, weight_bytes)
+        save()
+
+    save_runs(run_stories(pipe, args, deadline, say, save_runs))
+
+
+def run_gguf_part(
+    pipe: Any,
+    config: dict[str, Any],
+    args: argparse.Namespace,
+    deadline: float,
+    say: Any,
+    save: Any,
+    record: dict[str, Any],
+) -> None:
+    """Part 3 into `record`: the pipeline's bfloat16 transformer replaced by a random Q8_0 GGUF
+    file of the same config loaded through storycli's loader, then the stories again."""
+    import torch
+    from flux_gguf import gguf_transformer
+
+    device = torch.device(args.device)
+    left = deadline - time.perf_counter()
+    needed = 0.0 if args.tiny else GGUF_MIN_S
+    if left < needed:
+        record["note"] = f"budget spent: {left:.0f} s left, {needed:g} s needed"
+        say(f"GGUF part not run: {record['note']}")
+        save()
+        return
+    pipe.transformer = None  # the last reference to the bfloat16 transformer: it leaves
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    record["resident_before_bytes"] = Memory(device).now()
+    say("writing a random Q8_0 GGUF FLUX.1 transformer and loading it with storycli's loader …")
+    public = {k: v for k, v in config.items() if not k.startswith("_")}
+    transformer, built = gguf_transformer(public, device, getattr(torch, args.dtype), args.seed)
+    weight_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    quantized = sum(type(m).__name__ == "GGUFLinear" for m in transformer.modules())
+    record["build"] = built | {"transformer_weight_bytes": weight_bytes, "gguf_linears": quantized}
+    pipe.transformer = transformer
+    say(
+        f"GGUF: {built['file_bytes'] / MIB:.0f} MiB file written in {built['write_seconds']:.1f} s"
+        f" ({built['folder']}), loaded in {built['load_seconds']:.1f} s, {quantized} GGUF "
+        f"linear layers, {weight_bytes / MIB:.0f} MiB on {device}"
+    )
+    save()
+    run_story_part(pipe, args, deadline, say, save, weight_bytes, record)
+
+
 def story_summary(runs: list[dict[str, Any]], weight_bytes: int) -> dict[str, Any]:
     """CSA / stock per length; the CSA peak against the transformer's weights + 4 GiB (at the
     longest story); its growth from the shortest story to the longest."""
@@ -563,6 +638,36 @@ def verdict(value: float | None, limit: float, gpu: bool) -> str:
     return ("✅" if value <= limit else "❌") if gpu else "— (not a GPU number)"
 
 
+def story_lines(story: dict[str, Any], heading: str | None) -> list[str]:
+    """Markdown: a whole-stories table (under `heading`) and the CSA / stock peak ratios."""
+    lines = [f"## {heading}", ""] if heading else []
+    lines += [
+        "| method | frames | peak GiB | denoising peak GiB | over baseline MiB | bank MiB "
+        "| frame batch | forwards / step | T5 after | s / image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in story.get("runs", []):
+        lines.append(
+            f"| {'stock' if r['method'] == 'none' else 'CSA'} | {r['frames']} "
+            f"| {r['peak_bytes'] / GIB:.3f} | {r['denoise_peak_bytes'] / GIB:.3f} "
+            f"| {r['peak_over_baseline_bytes'] / MIB:.0f} "
+            f"| {(r['peak_bank_bytes'] or 0) / MIB:.1f} | {r['frame_batch']} "
+            f"| {r['forwards_per_step']} | {r['t5_device_after']} "
+            f"| {r['seconds_per_image']:.3g} |"
+        )
+    pairs = story.get("summary", {}).get("pairs", [])
+    if pairs:
+        lines += [
+            "",
+            "CSA / stock story peak: "
+            + ", ".join(f"{p['frames']} frames {p['peak_ratio']:.3f}" for p in pairs)
+            + " (s / image: "
+            + ", ".join(f"{p['time_ratio']:.3f}" for p in pairs)
+            + "; stories run one after the other, so the time is indicative only).",
+        ]
+    return [*lines, ""]
+
+
 def markdown(payload: dict[str, Any]) -> str:
     meta, fwd, story = payload["meta"], payload.get("forward"), payload.get("story")
     gpu = meta["device"].startswith("cuda") and not meta["tiny"]
@@ -613,34 +718,28 @@ def markdown(payload: dict[str, Any]) -> str:
             )
         lines.append("")
     if story:
-        lines += [
-            f"## Whole stories ({meta['steps']} steps, peak: {story['peak_metric']}, reset "
+        lines += story_lines(
+            story, f"Whole stories ({meta['steps']} steps, peak: {story['peak_metric']}, reset "
             "once the pipeline is built)",
-            "",
-            "| method | frames | peak GiB | denoising peak GiB | over baseline MiB | bank MiB "
-            "| frame batch | forwards / step | T5 after | s / image |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
-        ]
-        for r in story["runs"]:
-            lines.append(
-                f"| {'stock' if r['method'] == 'none' else 'CSA'} | {r['frames']} "
-                f"| {r['peak_bytes'] / GIB:.3f} | {r['denoise_peak_bytes'] / GIB:.3f} "
-                f"| {r['peak_over_baseline_bytes'] / MIB:.0f} "
-                f"| {(r['peak_bank_bytes'] or 0) / MIB:.1f} | {r['frame_batch']} "
-                f"| {r['forwards_per_step']} | {r['t5_device_after']} "
-                f"| {r['seconds_per_image']:.3g} |"
-            )
-        pairs = story.get("summary", {}).get("pairs", [])
-        if pairs:
+        )  # fmt: skip
+    gguf = payload.get("gguf")
+    if gguf:
+        lines += [f"## Q8_0 GGUF transformer ({meta['steps']} steps)", ""]
+        built = gguf.get("build")
+        if built:
             lines += [
+                "A random Q8_0 GGUF file (`benchmarks/flux_gguf.py`, "
+                f"{built['file_bytes'] / MIB:.1f} MiB; tensors {built['tensors']}) written in "
+                f"{built['write_seconds']:.1f} s to {built['folder']}, loaded by storycli's "
+                f"loader in {built['load_seconds']:.1f} s ({built['gguf_linears']} GGUF linear "
+                f"layers): {built['transformer_weight_bytes'] / MIB:.1f} MiB of weights on the "
+                f"device (before it: {gguf['resident_before_bytes'] / GIB:.3f} GiB resident).",
                 "",
-                "CSA / stock story peak: "
-                + ", ".join(f"{p['frames']} frames {p['peak_ratio']:.3f}" for p in pairs)
-                + " (s / image: "
-                + ", ".join(f"{p['time_ratio']:.3f}" for p in pairs)
-                + "; stories run one after the other, so the time is indicative only).",
             ]
-        lines.append("")
+        if gguf.get("note"):
+            lines += [f"Not run: {gguf['note']}.", ""]
+        if gguf.get("runs"):
+            lines += story_lines(gguf, None)
     lines += ["## Targets (issue 22)", "", "| target | measured | met |", "|---|---:|:---:|"]
     if fwd:
         at = [s for s in fwd["stories"] if s["frames"] == max(meta["frames"])]
@@ -668,6 +767,13 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"({growth['per_frame_bytes'] / MIB:+.1f} MiB / frame) "
                 f"| {verdict(growth['ratio'], GROWTH_TOLERANCE, gpu)} |"
             )
+    gguf_summary = (gguf or {}).get("summary") or {}
+    if gguf_summary.get("csa_longest_peak_bytes") is not None:
+        peak, limit = gguf_summary["csa_longest_peak_bytes"], GGUF_PEAK_GIB * GIB
+        lines.append(
+            f"| Q8_0 GGUF: CSA story peak, {gguf_summary['csa_longest_frames']} frames ≤ "
+            f"{GGUF_PEAK_GIB:g} GiB | {peak / GIB:.3f} GiB | {verdict(peak, limit, gpu)} |"
+        )
     if not gpu:
         lines += [
             "",
@@ -715,7 +821,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", nargs="+", default=["up"], help="CSA blocks (csa_dit names)")
     p.add_argument("--repeats", type=int, help="timed rounds (3; --tiny 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds")
-    p.add_argument("--parts", nargs="+", choices=["forward", "story"], default=["forward", "story"])
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--budget-s", type=float, default=600.0, help="start no story after this")
     p.add_argument("--threads", type=int, help="torch threads (--tiny: 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -811,25 +917,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"CSA / stock per image {s['ratio']:.3f}"
             )
         save()
+    if {"story", "gguf"} & set(args.parts) and pipe is None:
+        started = time.perf_counter()
+        pipe = build_pipeline(
+            transformer, torch.device(args.device), getattr(torch, args.dtype), args.seed
+        )
+        payload["meta"]["build"]["pipeline_rest_seconds"] = round(time.perf_counter() - started, 3)
     if "story" in args.parts:
-        if pipe is None:
-            started = time.perf_counter()
-            pipe = build_pipeline(
-                transformer, torch.device(args.device), getattr(torch, args.dtype), args.seed
-            )
-            payload["meta"]["build"]["pipeline_rest_seconds"] = round(
-                time.perf_counter() - started, 3
-            )
-        weights = build["transformer_weight_bytes"]
-        story: dict[str, Any] = {"peak_metric": Memory(torch.device(args.device)).metric}
-        payload["story"] = story
-
-        def save_runs(runs: list[dict[str, Any]]) -> None:
-            story["runs"] = runs
-            story["summary"] = story_summary(runs, weights)
-            save()
-
-        save_runs(run_stories(pipe, args, deadline, say, save_runs))
+        payload["story"] = {}
+        run_story_part(pipe, args, deadline, say, save, build["transformer_weight_bytes"],
+                       payload["story"])  # fmt: skip
+    if "gguf" in args.parts:
+        del transformer  # (the pipeline's goes in run_gguf_part: the bf16 weights leave)
+        payload["gguf"] = {}
+        run_gguf_part(pipe, build["config"], args, deadline, say, save, payload["gguf"])
     path = save()
     say(f"wrote {path} and {path.with_suffix('.md')}")
     print(path.with_suffix(".md").read_text())

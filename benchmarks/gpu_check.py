@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""The GPU check of issue 19: `storydiff generate` on the real SDXL layout, in minutes.
+"""The GPU check of issues 19 and 22: `storydiff generate` on the real SDXL layout, SDXL's CSA per
+forward, the ConsiStory+ protocol and the FLUX.1 DiT, in minutes.
 
-What it does, on a CUDA machine (≤ 6 minutes with the default ``--budget-s 330``):
+What it does, on a CUDA machine (≤ 6 minutes with the default ``--budget-s 330``; the whole of
+it takes ≈ 11, so a session runs it as two ``--only`` calls, see benchmarks/README.md):
 
 1. Builds SDXL base's real layout with random weights **on the GPU** in float16 — the UNet of
    ``sdxl_unet_config.json``, the VAE and both text encoders with SDXL base's configs (written
@@ -11,36 +13,44 @@ What it does, on a CUDA machine (≤ 6 minutes with the default ``--budget-s 330
    ``force_upcast: false``, standing for madebyollin/sdxl-vae-fp16-fix.
 2. Runs the real CLI (``storydiff generate --model <that folder> --overwrite``, one process per
    run, each with its own ``--out``), most important first, stock (``consistency.method: none``)
-   and CSA (``storydiffusion``) interleaved so that drift hits both alike:
-   ``stories/two_friends.yaml`` (2 characters, 9 frames, 1024×768, 30 steps) and
-   ``stories/lighthouse.yaml`` (1 character, 6 frames, 1024², 30 steps), eager; the CSA
-   two_friends again with nothing to do (wall clock); both two_friends sides with the fp16-safe
-   VAE (a story's top-level ``vae:`` key; skipped with a note if ``storydiff validate`` rejects
-   it); last, ``--compile`` (the slowest). Other options keep their defaults (``--frame-batch``,
-   ``--decode-batch`` …); the options ``generate --help`` lists are recorded.
+   and CSA (``storydiffusion``) interleaved so that drift hits both alike (the groups
+   ``--only`` picks from, in order): ``eager``: ``stories/two_friends.yaml`` (2 characters,
+   9 frames, 1024×768, 30 steps) and ``stories/lighthouse.yaml`` (1 character, 6 frames, 1024²,
+   30 steps); ``rerun``: the CSA two_friends again with nothing to do (wall clock);
+   ``fp16-vae``: both two_friends sides with the fp16-safe VAE (a story's top-level ``vae:``
+   key; skipped with a note if ``storydiff validate`` rejects it); last, ``compile``:
+   lighthouse with ``--compile`` (the slowest; it brings lighthouse's eager pair along, its
+   baseline). Other options keep their defaults (``--frame-batch``, ``--decode-batch`` …); the
+   options ``generate --help`` lists are recorded.
 3. Reads each run's ``manifest.json``: seconds, GPU peak (``torch.cuda.max_memory_allocated``),
    UNet forwards per step, frame batch, per-frame ``seconds`` — the story loop's time before the
    decode (text encoding + denoising) divided by its frames, so their sum is the denoising time —
-   and measures each process's wall time. Compile seconds ≈ compiled wall − eager wall.
-4. Before the fp16-safe VAE pair, issue 22's FLUX.1 DiT benchmark (``benchmarks/csa_dit.py``,
-   one process, capped at ``DIT_CAP`` = 150 s, ≈ 60 s expected): per-forward CSA / stock and
-   whole-story peaks on a random-weight FLUX.1-dev transformer (11.9 B, bf16, built on the
-   GPU) at 1024²; its own ``csa-dit-cuda-<date>.json`` / ``.md`` go to ``--out`` and its
-   targets join this check's (``--no-dit`` skips it).
-5. Writes one pair ``<out>/gpu-check-<date>.json`` and ``.md`` (rewritten after every run, so a
-   killed check still leaves the runs done) with the ratios CSA / stock and a table against the
-   issue's targets.
+   the steady step (the median of the later half of ``story_loop.step_seconds``), and measures
+   each process's wall time. Compile seconds ≈ compiled wall − eager wall.
+4. Runs the other benchmark scripts of ``benchmarks/gpu_scripts.py``, each in its own process:
+   before the fp16-safe VAE pair, ``dit`` — issue 22's FLUX.1 DiT benchmark
+   (``benchmarks/csa_dit.py``: per-forward CSA / stock and whole-story peaks on a random-weight
+   FLUX.1-dev transformer, 11.9 B, bf16, built on the GPU, at 1024², then the same stories with
+   a random Q8_0 GGUF transformer loaded by storycli's loader); its own
+   ``csa-dit-cuda-<date>.json`` / ``.md`` go to ``--out``; before the compile pair, ``forward``
+   (``benchmarks/csa.py``: SDXL per forward at 1024², R = 4) and ``consistory``
+   (``storydiff bench consistory-plus --limit 1``, stock and CSA). Their targets join the
+   check's (``--no-dit`` leaves the DiT out).
+5. Writes one pair ``<out>/gpu-check-<date>[-<groups>].json`` and ``.md`` (rewritten after every
+   run, so a killed check still leaves the runs done) with the ratios CSA / stock and a table
+   against the issues' targets.
 
 It stops starting runs when ``--budget-s`` seconds have passed since it started and kills a run
 that would pass it; a failed run is recorded with its stderr tail and the others go on.
 
 ``--tiny``: the same on the CPU with the ``tiny`` preset (64 px, 2 steps), only the two_friends
-pair, the rerun and ``csa_dit.py --tiny`` (the others are listed as skipped), ≈ 30–50 s on
+pair, the rerun and the scripts' tiny modes (the other runs are listed as skipped), ≈ 35–60 s on
 2 cores: what ``tests/benchmarks/test_gpu_check.py`` runs.
 
 Usage::
 
     bash benchmarks/gpu_check.sh                    # on the GPU machine (installs missing wheels)
+    bash benchmarks/gpu_check.sh --only forward consistory compile     # a second call
     python benchmarks/gpu_check.py --tiny --out /tmp/gpu-check    # here, on the CPU
 """
 
@@ -54,8 +64,7 @@ import os
 import platform
 import re
 import shutil
-import signal
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -64,15 +73,30 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+sys.path.insert(0, str(HERE))  # gpu_scripts, when loaded by path (the tests)
+from gpu_scripts import (  # noqa: E402
+    GIB,
+    ROOT,
+    SCRIPTS,
+    TINY_CAP,
+    consistory_targets,
+    dit_targets,
+    forward_targets,
+    log,
+    run_consistory,
+    run_dit,
+    run_forward,
+    storydiff,
+    tail,
+    target,
+)
+
 UNET_CONFIG = HERE / "sdxl_unet_config.json"
 STORY_FILES = {
     "two_friends": ROOT / "stories/two_friends.yaml",
     "lighthouse": ROOT / "stories/lighthouse.yaml",
 }
 SIDES = {"stock": "none", "csa": "storydiffusion"}
-CLI = "import sys; sys.argv[0]='storydiff'; from storycli.cli import main; main()"
-GIB = 2**30
 
 # The issue's targets.
 PEAK_DEFAULT_GIB = 12.0  # story peak, default VAE
@@ -80,22 +104,22 @@ PEAK_FP16_VAE_GIB = 9.0  # story peak, fp16-safe VAE
 EXTRA_FORWARDS = 1  # two_friends: CSA forwards per step ≤ stock + 1
 DENOISE_RATIO = 1.20  # two_friends: denoising time CSA / stock
 RERUN_S = 3.0  # a rerun with nothing to do, wall clock
+STEADY_SPEEDUP = 1.2  # --compile: steady step ≥ 1.2× faster than eager
+
+# What `--only` can pick, in the order the check runs them; a script runs just before the
+# run named here (or at the end, when that run is the last or was not planned).
+GROUPS = ("eager", "rerun", "dit", "fp16-vae", "forward", "consistory", "compile")
+SCRIPTS_BEFORE = {
+    "dit": "two_friends/stock/fp16-vae",
+    "forward": "lighthouse/stock/compile",
+    "consistory": "lighthouse/stock/compile",
+}
 
 # Seconds a run may take at most (GPU, tiny), and the least left of the budget to start one.
 CAPS = {"eager": 150, "rerun": 60, "fp16-vae": 150, "compile": 300}
 MIN_START_S = {"rerun": 10}  # others: 30 s (tiny: 5 s)
-TINY_CAP = 120
 TINY_STEPS = 2
 TINY_RUNS = {"two_friends/stock/eager", "two_friends/csa/eager", "two_friends/csa/rerun"}
-
-# Issue 22's FLUX.1 DiT benchmark (benchmarks/csa_dit.py): one process, run before this run
-# (after the SDXL eager pairs and the rerun). ≈ 60 s expected on the H200 (12 B bf16 built on
-# the GPU ≈ 5 s, the forwards ≈ 15 s, four 1024² stories ≈ 20 s, imports ≈ 10 s); capped.
-DIT_SCRIPT = HERE / "csa_dit.py"
-DIT_BEFORE = "two_friends/stock/fp16-vae"
-DIT_CAP = 150
-DIT_MIN_START_S = 60  # tiny: 5 s
-DIT_TIME = 1.15  # CSA / stock time per image, FLUX.1 size, 1024²
 
 # SDXL base 1.0's configs (stabilityai/stable-diffusion-xl-base-1.0: vae/, text_encoder/,
 # text_encoder_2/, scheduler/ config.json), as written there.
@@ -284,10 +308,11 @@ class Run:
     manifest: dict[str, Any] = field(default_factory=dict)  # what the manifest says
 
 
-def plan_runs(flags: set[str] | None, tiny: bool) -> list[Run]:
-    """Every run, most important first; stock and CSA interleaved. `tiny`: a pair and the rerun
-    run (every path but the VAE variant's `vae:` line, which `validate` still checks), the
-    others are listed as skipped."""
+def plan_runs(flags: set[str] | None, tiny: bool, groups: tuple[str, ...] = GROUPS) -> list[Run]:
+    """Every run, most important first; stock and CSA interleaved. Runs of variants not in
+    `groups` are listed as skipped, except lighthouse's eager pair when `compile` is picked
+    (its comparison). `tiny`: a pair and the rerun run (every path but the VAE variant's `vae:`
+    line, which `validate` still checks), the others are listed as skipped."""
 
     def pair(story: str, variant: str, extra: list[str] | None = None) -> list[Run]:
         return [
@@ -298,12 +323,13 @@ def plan_runs(flags: set[str] | None, tiny: bool) -> list[Run]:
     runs = [*pair("two_friends", "eager"), *pair("lighthouse", "eager")]
     runs.append(Run("two_friends/csa/rerun", "two_friends", "csa", "rerun"))
     runs += pair("two_friends", "fp16-vae")
-    runs += [
-        *pair("two_friends", "compile", ["--compile"]),
-        *pair("lighthouse", "compile", ["--compile"]),
-    ]
+    # Issue 19's compile target is a 6-frame 1024² story: lighthouse's.
+    runs += pair("lighthouse", "compile", ["--compile"])
     for run in runs:
-        if tiny and run.id not in TINY_RUNS:
+        baseline = run.id.startswith("lighthouse/") and run.variant == "eager"
+        if run.variant not in groups and not (baseline and "compile" in groups):
+            run.status, run.note = "skipped", "not picked (--only)"
+        elif tiny and run.id not in TINY_RUNS:
             run.status, run.note = "skipped", "tiny mode"
             if run.variant == "compile":
                 run.note += ": inductor on a CPU compiles for minutes"
@@ -329,44 +355,6 @@ def write_story(run: Run, folder: Path, tiny: bool, vae: Path | None) -> Path:
     return path
 
 
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    paths = [str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1", TERMINAL_WIDTH="200")
-    return env
-
-
-def storydiff(args: list[str], timeout: float, log: Path) -> tuple[int | None, float, str, str]:
-    """Run `storydiff ARGS` in a fresh process (its own process group, killed whole at the
-    timeout): exit code (None: timed out), wall seconds, stdout, stderr."""
-    return python(["-c", CLI, *args], timeout, log)
-
-
-def python(args: list[str], timeout: float, log: Path) -> tuple[int | None, float, str, str]:
-    """Run `python ARGS` as `storydiff` runs (see there)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    out_file, err_file = log.with_suffix(".stdout"), log.with_suffix(".stderr")
-    started = time.perf_counter()
-    with out_file.open("w") as out, err_file.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=ROOT,
-            env=cli_env(),
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-        )
-        try:
-            code: int | None = proc.wait(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # compile workers included
-            proc.wait()
-            code = None
-    wall = time.perf_counter() - started
-    return code, wall, out_file.read_text(errors="replace"), err_file.read_text(errors="replace")
-
-
 def generate_flags(logs: Path) -> set[str] | None:
     """The options `storydiff generate --help` lists now (other engineers add some); None when
     the help itself fails (the runs will say why)."""
@@ -382,11 +370,6 @@ def vae_key_accepted(story: Path) -> tuple[bool, str]:
     return code == 0, tail(err + out, 400)
 
 
-def tail(text: str, limit: int = 2000) -> str:
-    text = text.strip()
-    return text if len(text) <= limit else "…" + text[-limit:]
-
-
 def manifest_metrics(folder: Path) -> dict[str, Any]:
     """What a run's manifest.json says: totals, peak, the story loop's numbers, and the
     denoising time (per-frame `seconds` = the loop's time before the decode / its frames)."""
@@ -396,6 +379,7 @@ def manifest_metrics(folder: Path) -> dict[str, Any]:
     per_frame = [f["seconds"] for f in made if isinstance(f.get("seconds"), int | float)]
     loop = manifest.get("story_loop") or {}
     seconds, peak = manifest.get("seconds"), manifest.get("peak_memory_bytes")
+    steps = loop.get("step_seconds") or []
     denoise = sum(per_frame) if made and len(per_frame) == len(made) else None
     return {
         "complete": manifest.get("complete"),
@@ -412,6 +396,8 @@ def manifest_metrics(folder: Path) -> dict[str, Any]:
         "unet_forwards_per_step": loop.get("unet_forwards_per_step"),
         "frame_batch": loop.get("frame_batch"),
         "peak_bank_bytes": loop.get("peak_bank_bytes"),
+        # Once compiling and warm-up are over: the median of the later half of the steps.
+        "steady_step_s": round(statistics.median(steps[len(steps) // 2 :]), 4) if steps else None,
         "size": manifest.get("size"),
         "steps": (manifest.get("story") or {}).get("steps"),
         "model": manifest.get("model"),
@@ -504,16 +490,17 @@ def comparisons(runs: list[Run]) -> dict[str, Any]:
             "compile_s": round(run.wall_s - eager.wall_s, 1) if done and run.wall_s else None,
             "faster": (run.wall_s < eager.wall_s) if done and run.wall_s else None,
             "denoise_s": [eager.manifest.get("denoise_s"), run.manifest.get("denoise_s")],
+            "steady_step_s": [
+                eager.manifest.get("steady_step_s"),
+                run.manifest.get("steady_step_s"),
+            ],
+            "steady_speedup": ratio(
+                eager.manifest.get("steady_step_s"), run.manifest.get("steady_step_s")
+            ),
             "status": run.status,
             "timeout_s": run.timeout_s,
         }
     return {"csa_over_stock": pairs, "compile": compiled}
-
-
-def target(
-    name: str, limit: str, measured: Any, met: bool | None, detail: str = ""
-) -> dict[str, Any]:
-    return {"target": name, "limit": limit, "measured": measured, "met": met, "detail": detail}
 
 
 def peak_targets(runs: list[Run]) -> list[dict[str, Any]]:
@@ -558,7 +545,8 @@ def pair_targets(pair: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def compile_targets(compiled: dict[str, Any]) -> list[dict[str, Any]]:
-    """--compile's wall time, compiling included, against eager's, per story and side."""
+    """--compile's wall time, compiling included, and its steady step against eager's, per
+    story and side."""
     label = "--compile wall (compiling included) < eager wall"
     if not compiled:
         return [target(label, "< eager", None, None, "not run")]
@@ -575,6 +563,22 @@ def compile_targets(compiled: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append(target(f"{label}, {key}", "< eager", None, False, detail))
         else:
             rows.append(target(f"{label}, {key}", "< eager", None, None, c["status"]))
+        speedup, steady = c["steady_speedup"], c["steady_step_s"]
+        detail = (
+            f"steady step eager {steady[0]} s, compiled {steady[1]} s"
+            if speedup is not None
+            else c["status"]
+        )
+        met = speedup >= STEADY_SPEEDUP if speedup is not None else None
+        rows.append(
+            target(
+                f"--compile steady step, eager / compiled, {key}",
+                f"≥ {STEADY_SPEEDUP}",
+                speedup,
+                met,
+                detail,
+            )
+        )
     return rows
 
 
@@ -598,91 +602,6 @@ def targets(runs: list[Run], summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
-# FLUX.1's DiT (issue 22)
-# --------------------------------------------------------------------------------------------
-
-
-def run_dit(
-    args: argparse.Namespace, device: str, work: Path, deadline: float, t0: float
-) -> dict[str, Any]:
-    """`benchmarks/csa_dit.py` in its own process (the real-size FLUX.1 transformer, or the
-    tiny one with --tiny); its JSON and .md go to `--out` beside this check's. Returns what
-    the check records: status, wall, and the DiT results (whatever it saved if killed)."""
-    left = deadline - time.perf_counter()
-    record: dict[str, Any] = {"status": "not run", "script": "benchmarks/csa_dit.py"}
-    if left < (5 if args.tiny else DIT_MIN_START_S):
-        return record | {"note": f"budget spent ({args.budget_s:g} s)"}
-    timeout = min(TINY_CAP if args.tiny else DIT_CAP, left)
-    # It starts no story in its last 30 s (a 1024² story ≈ 5-10 s), so it ends by itself.
-    out = args.out.resolve()  # the process runs in the checkout's root
-    command = [str(DIT_SCRIPT), "--out", str(out), "--budget-s", f"{max(timeout - 30, 1):.0f}"]
-    command += ["--tiny"] if args.tiny else ["--device", device]
-    log(t0, f"FLUX.1 DiT: csa_dit.py (timeout {timeout:.0f} s) …")
-    started = time.time()
-    code, wall, _, stderr = python(command, timeout, work / "logs" / "csa-dit")
-    status = "ok" if code == 0 else "timed out" if code is None else "failed"
-    record |= {"status": status, "wall_s": round(wall, 1), "timeout_s": round(timeout, 1)}
-    record["args"] = command[1:]
-    if code != 0:
-        record["stderr_tail"] = tail(stderr)
-    found = [p for p in out.glob("csa-dit-*.json") if p.stat().st_mtime >= started - 1]
-    if found:
-        path = max(found, key=lambda p: p.stat().st_mtime)
-        record["results_file"] = path.name
-        try:
-            record["results"] = json.loads(path.read_text())
-        except ValueError as exc:  # (csa_dit.py writes atomically; a stale file, say)
-            record["note"] = f"unreadable results: {exc}"
-    log(t0, f"FLUX.1 DiT: {status}, wall {wall:.1f} s, results {record.get('results_file')}")
-    return record
-
-
-def dit_targets(dit: dict[str, Any] | None, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 22's targets from csa_dit.py's results; verdicts only from a GPU run."""
-    if not dit:
-        return []
-    results = dit.get("results") or {}
-    gpu = not meta.get("tiny") and str(meta.get("device", "")).startswith("cuda")
-    status = dit["status"] + (f": {dit['note']}" if dit.get("note") else "")
-    size = (results.get("meta") or {}).get("size", "?")
-    label = f"FLUX.1 DiT, {size}²" + (" (tiny)" if meta.get("tiny") else "")
-    rows = []
-    forward = results.get("forward") or {}
-    stories = forward.get("stories") or []
-    longest = [s for s in stories if s["frames"] == max(x["frames"] for x in stories)]
-    time_label = f"{label}: CSA / stock time per image"
-    if longest:
-        # At the story loop's GPU read micro-batch (4) when measured, else the largest.
-        best = max(longest, key=lambda s: (s["micro_batch"] == 4, s["micro_batch"]))
-        detail = f"{best['frames']} frames, read micro-batch {best['micro_batch']}"
-        value = round(best["ratio"], 3)
-        met = best["ratio"] <= DIT_TIME if gpu else None
-        rows.append(target(time_label, f"≤ {DIT_TIME}", value, met, detail))
-    else:
-        rows.append(target(time_label, f"≤ {DIT_TIME}", None, None, status))
-    summary = (results.get("story") or {}).get("summary") or {}
-    peak, limit = summary.get("csa_longest_peak_bytes"), summary.get("peak_limit_bytes")
-    peak_label = f"{label}: CSA story peak ≤ transformer weights + 4 GiB"
-    if peak is not None and limit:
-        detail = f"{summary['csa_longest_frames']} frames; limit {limit / GIB:.2f} GiB"
-        met = peak <= limit if gpu else None
-        rows.append(
-            target(peak_label, f"≤ {limit / GIB:.2f} GiB", round(peak / GIB, 3), met, detail)
-        )
-    else:
-        rows.append(target(peak_label, "weights + 4 GiB", None, None, status))
-    growth = (summary.get("growth") or {}).get("storydiffusion")
-    flat_label = f"{label}: CSA story peak flat in frames (longest / shortest)"
-    if growth:
-        detail = f"{growth['frames'][0]} → {growth['frames'][1]} frames"
-        met = growth["ratio"] <= 1.01 if gpu else None
-        rows.append(target(flat_label, "≤ 1.01", round(growth["ratio"], 4), met, detail))
-    else:
-        rows.append(target(flat_label, "≤ 1.01", None, None, status))
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------
 
@@ -700,6 +619,21 @@ def built(model: dict[str, Any]) -> str:
         return ""
     gb = model.get("bytes", 0) / 1e9
     return f", {gb:.1f} GB, {'reused' if model.get('reused') else 'built'} ({model['build_s']} s)"
+
+
+def script_lines(label: str, record: dict[str, Any]) -> list[str]:
+    """Markdown: how a script of gpu_scripts.py ran (its numbers are in the targets)."""
+    lines = [
+        "",
+        f"## {label}",
+        "",
+        f"Status {record['status']}{': ' + record['note'] if record.get('note') else ''}; wall "
+        f"{fmt(record.get('wall_s'), 1)} s of {fmt(record.get('timeout_s'), 0)} s; results: "
+        f"`{record.get('results_file', '—')}`.",
+    ]
+    if record.get("stderr_tail"):
+        lines += ["", "```", record["stderr_tail"][-1500:], "```"]
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -777,27 +711,22 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "## --compile against eager",
             "",
-            "| story / side | eager wall s | compiled wall s | compile s ≈ | faster | status |",
-            "|---|---:|---:|---:|:---:|---|",
+            "| story / side | eager wall s | compiled wall s | compile s ≈ | faster "
+            "| steady step eager, compiled s | eager / compiled | status |",
+            "|---|---:|---:|---:|:---:|---:|---:|---|",
         ]
         for key, c in results["compile"].items():
             faster = {True: "✅", False: "❌", None: "—"}[c["faster"]]
+            steady = ", ".join(fmt(x, 4) for x in c["steady_step_s"])
             lines.append(
                 f"| {key} | {fmt(c['eager_wall_s'], 1)} | {fmt(c['compiled_wall_s'], 1)} "
-                f"| {fmt(c['compile_s'], 1)} | {faster} | {c['status']} |"
+                f"| {fmt(c['compile_s'], 1)} | {faster} | {steady} "
+                f"| {fmt(c['steady_speedup'], 3)} | {c['status']} |"
             )
-    dit = results.get("dit")
-    if dit:
-        lines += [
-            "",
-            "## FLUX.1 DiT (`benchmarks/csa_dit.py`)",
-            "",
-            f"Status {dit['status']}{': ' + dit['note'] if dit.get('note') else ''}; wall "
-            f"{fmt(dit.get('wall_s'), 1)} s of {fmt(dit.get('timeout_s'), 0)} s; full results: "
-            f"`{dit.get('results_file', '—')}` and its `.md`.",
-        ]
-        if dit.get("stderr_tail"):
-            lines += ["", "```", dit["stderr_tail"][-1500:], "```"]
+    for name, script in SCRIPTS.items():
+        record = results.get(name)
+        if record:
+            lines += script_lines(script.label, record)
     failed = [r for r in results["runs"] if r["stderr_tail"]]
     if failed:
         lines += ["", "## Errors (stderr tails)", ""]
@@ -880,13 +809,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=None, help="default: cuda (--tiny: cpu)")
     parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=GROUPS,
+        metavar="GROUP",
+        help=f"run only these ({', '.join(GROUPS)}; compile brings lighthouse's eager pair); "
+        "the results file's name then ends in them",
+    )
+    parser.add_argument(
         "--no-dit", action="store_true", help="skip the FLUX.1 DiT benchmark (csa_dit.py)"
     )
-    return parser.parse_args(argv)
-
-
-def log(t0: float, message: str) -> None:
-    print(f"[{time.perf_counter() - t0:6.1f} s] {message}", flush=True)
+    args = parser.parse_args(argv)
+    picked = set(args.only or GROUPS) - ({"dit"} if args.no_dit else set())
+    args.groups = tuple(g for g in GROUPS if g in picked)
+    return args
 
 
 def prepare_model(args: argparse.Namespace, device: str, work: Path, t0: float) -> dict[str, Any]:
@@ -975,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work / "runs", ignore_errors=True)
     results: dict[str, Any] = {"meta": meta(args, device), "runs": [], "targets": []}
     stem = f"gpu-check-{'tiny-' if args.tiny else ''}{results['meta']['date']}"
+    stem += "".join(f"-{g}" for g in args.groups) if args.only else ""
     runs: list[Run] = []
 
     def save() -> tuple[Path, Path]:
@@ -996,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         common = ["--model", model["arg"], "--device", device]
         common += ["--dtype", "float32" if args.tiny else "float16"]
 
-        runs = plan_runs(flags, args.tiny)
+        runs = plan_runs(flags, args.tiny, args.groups)
         accepted, why = vae_key_accepted(write_story(runs[0], work / "stories", args.tiny, vae))
         results["meta"]["vae_key"] = {"accepted": accepted, "validate": why}
         for run in runs:
@@ -1004,11 +941,7 @@ def main(argv: list[str] | None = None) -> int:
                 run.status = "skipped"
                 run.note = "`storydiff validate` rejects a top-level `vae:` key"
 
-        def dit() -> None:
-            results["dit"] = run_dit(args, device, work, deadline, t0)
-            save()
-
-        hooks = {} if args.no_dit else {DIT_BEFORE: dit}
+        hooks = script_hooks(args, device, model["arg"], work, deadline, t0, results, save)
         run_all(runs, args, work, common, vae, deadline, t0, save, hooks)
         json_path, md_path = save()
     finally:
@@ -1019,11 +952,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def script_hooks(
+    args: argparse.Namespace,
+    device: str,
+    model: str,
+    work: Path,
+    deadline: float,
+    t0: float,
+    results: dict[str, Any],
+    save: Any,
+) -> dict[str, Any]:
+    """For `run_all`: the picked scripts (gpu_scripts.py), each run with its results saved just
+    before the run `SCRIPTS_BEFORE` names."""
+    runners = {
+        "dit": lambda: run_dit(args, device, work, deadline, t0),
+        "forward": lambda: run_forward(args, device, work, deadline, t0),
+        "consistory": lambda: run_consistory(args, device, model, work, deadline, t0),
+    }
+
+    def step(names: list[str]) -> Any:
+        def run() -> None:
+            for name in names:
+                results[name] = runners[name]()
+                save()
+
+        return run
+
+    hooks: dict[str, list[str]] = {}
+    for name in SCRIPTS:
+        if name in args.groups:
+            hooks.setdefault(SCRIPTS_BEFORE[name], []).append(name)
+    return {run_id: step(names) for run_id, names in hooks.items()}
+
+
 def finish(results: dict[str, Any], runs: list[Run], t0: float) -> dict[str, Any]:
     """The summary of the runs so far, into `results`."""
     summary = comparisons(runs)
     results.update(summary)
-    results["targets"] = targets(runs, summary) + dit_targets(results.get("dit"), results["meta"])
+    meta = results["meta"]
+    results["targets"] = [
+        *targets(runs, summary),
+        *forward_targets(results.get("forward"), meta),
+        *consistory_targets(results.get("consistory"), meta),
+        *dit_targets(results.get("dit"), meta),
+    ]
     results["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     return results
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of issues 19 (SDXL) and 22 (FLUX.1 DiT, benchmarks/csa_dit.py) on the lent GPU
 # machine (/work/shared/spec/gpu-machine.md), ≤ 6 min:
-# installs the wheels that machine lacks (diffusers, pydantic, …) from benchmarks/.whl/ when
+# installs the wheels that machine lacks (diffusers, pydantic, gguf, …) from benchmarks/.whl/ when
 # they cannot be imported, puts the checkout and them on PYTHONPATH, and runs
 # benchmarks/gpu_check.py. Results go to $OUT (what the device tool brings back) when it is
 # set, else benchmarks/results/. Extra arguments go to gpu_check.py (e.g. --budget-s 300).
@@ -19,7 +19,7 @@ PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 pythonpath=$PWD
 
-if ! "$PYTHON" -c "import diffusers, pydantic, fontTools" 2>/dev/null; then
+if ! "$PYTHON" -c "import diffusers, pydantic, fontTools, gguf" 2>/dev/null; then
     shopt -s nullglob
     wheels=(benchmarks/.whl/*.whl)
     if [ ${#wheels[@]} -eq 0 ]; then

@@ -96,6 +96,9 @@ class StepIO:
     checkpoint: LoopCheckpoint | None
     on_step: StepCallback | None
     on_call: Callable[[str], None] | None
+    # Wall seconds of each step run (no device sync: on a GPU the queue fills within a step,
+    # so once steady they are the device's step time; the first steps hold compiling).
+    step_seconds: list[float] = field(default_factory=list)
 
 
 @torch.inference_mode()
@@ -166,6 +169,7 @@ def generate_keyframes(
         "frame_batch": frame_batch,
         "unet_forwards_per_step": len(chunks),
         "peak_bank_bytes": state.peak_bank_bytes if state is not None else 0,
+        "step_seconds": [round(s, 4) for s in io.step_seconds],
         "checkpoint": checkpoint.describe() if checkpoint is not None else None,
     }
 
@@ -309,6 +313,7 @@ def denoise(
 ) -> None:
     """6. The story loop: every chunk's forward at step t, then one scheduler step for all."""
     scheduler = backbone.scheduler
+    last = time.perf_counter()
     for step, t in enumerate(scheduler.timesteps):
         if step < start:
             continue
@@ -328,6 +333,9 @@ def denoise(
         if io.on_step is not None:
             io.on_step(step + 1, plan.story.steps)
         save_checkpoint(io.checkpoint, step, plan.story.steps, backbone, batch, forwards)
+        now = time.perf_counter()
+        io.step_seconds.append(now - last)
+        last = now
 
 
 def chunk_prediction(

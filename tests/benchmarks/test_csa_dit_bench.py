@@ -81,6 +81,25 @@ def test_tiny_run_measures_whole_story_peaks(tiny_run: tuple[dict, str]) -> None
     assert summary["csa_longest_frames"] == 6
 
 
+def test_tiny_run_reruns_the_stories_on_a_q8_gguf_transformer(tiny_run: tuple[dict, str]) -> None:
+    payload, markdown = tiny_run
+    gguf = payload["gguf"]
+    built = gguf["build"]
+    # The random file went through storycli's loader: quantized layers, fewer bytes than float32.
+    assert built["tensors"]["Q8_0"] > 0 and built["gguf_linears"] > 0
+    assert (
+        0 < built["transformer_weight_bytes"] < payload["meta"]["build"]["transformer_weight_bytes"]
+    )
+    assert built["file_bytes"] > 0 and built["load_seconds"] > 0
+    runs = {(r["method"], r["frames"]): r for r in gguf["runs"]}
+    assert set(runs) == {(m, f) for m in ("none", "storydiffusion") for f in (3, 6)}
+    assert all(r["peak_bytes"] > 0 and len(r["steps_trace"]) == 2 for r in runs.values())
+    assert runs[("storydiffusion", 6)]["peak_bank_bytes"] > 0
+    assert gguf["summary"]["csa_longest_frames"] == 6
+    assert "## Q8_0 GGUF transformer" in markdown
+    assert "| Q8_0 GGUF: CSA story peak, 6 frames ≤ 17 GiB |" in markdown
+
+
 def test_tiny_run_writes_markdown_without_gpu_verdicts(tiny_run: tuple[dict, str]) -> None:
     _, markdown = tiny_run
     assert "## Per forward" in markdown and "## Whole stories" in markdown
@@ -127,7 +146,7 @@ def test_read_chunks_and_composition() -> None:
 
 
 def test_gpu_check_reads_dit_targets_from_a_made_up_gpu_run() -> None:
-    gc = load_script(BENCHMARKS / "gpu_check.py", "gpu_check_dit")
+    gc = load_script(BENCHMARKS / "gpu_scripts.py", "gpu_scripts_dit")
     gib = 2**30
     results = {
         "meta": {"size": 1024},
@@ -147,9 +166,11 @@ def test_gpu_check_reads_dit_targets_from_a_made_up_gpu_run() -> None:
             }
         },
     }
+    results["gguf"] = {"summary": {"csa_longest_peak_bytes": 16.5 * gib, "csa_longest_frames": 6}}
     dit = {"status": "ok", "results": results}
     rows = gc.dit_targets(dit, {"tiny": False, "device": "cuda"})
     met = {t["target"]: (t["measured"], t["met"]) for t in rows}
+    assert met["FLUX.1 DiT, 1024²: Q8_0 GGUF transformer, CSA story peak"] == (16.5, True)
     # Judged at the story loop's GPU micro-batch (4), not the best one.
     assert met["FLUX.1 DiT, 1024²: CSA / stock time per image"] == (1.2, False)
     assert met["FLUX.1 DiT, 1024²: CSA story peak ≤ transformer weights + 4 GiB"] == (25.0, True)
@@ -195,3 +216,5 @@ def test_real_path_at_a_small_width(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert payload["meta"]["build"]["pipeline_rest_seconds"] > 0
     runs = payload["story"]["runs"]
     assert len(runs) == 4 and all(r["peak_bytes"] > 0 for r in runs)
+    # The GGUF part at this width: every linear layer whose rows are whole blocks is Q8_0.
+    assert payload["gguf"]["build"]["gguf_linears"] > 0 and len(payload["gguf"]["runs"]) == 4

@@ -50,7 +50,7 @@ def test_tiny_check_records_both_methods_and_ratios(tiny_check: tuple[dict, str]
     order = [r["id"] for r in results["runs"]]
     assert order[:2] == ["two_friends/stock/eager", "two_friends/csa/eager"]
     assert all(runs[i]["status"] == "skipped" for i in order if i.endswith("/compile"))
-    assert order.index("two_friends/csa/rerun") < order.index("two_friends/stock/compile")
+    assert order.index("two_friends/csa/rerun") < order.index("lighthouse/stock/compile")
 
     pair = results["csa_over_stock"]["two_friends/eager"]
     assert pair["denoise"] > 0 and pair["wall"] > 0 and None not in pair["forwards_per_step"]
@@ -74,7 +74,18 @@ def test_tiny_check_records_both_methods_and_ratios(tiny_check: tuple[dict, str]
     dit = results["dit"]
     assert dit["status"] == "ok" and dit["results"]["meta"]["tiny"] is True
     dit_rows = [t for t in results["targets"] if t["target"].startswith("FLUX.1 DiT")]
-    assert len(dit_rows) == 3 and all(t["measured"] and t["met"] is None for t in dit_rows)
+    assert len(dit_rows) == 4 and all(t["measured"] and t["met"] is None for t in dit_rows)
+
+    # Issue 19's script targets: csa.py's --quick per forward, the ConsiStory+ protocol (tiny).
+    assert results["forward"]["status"] == "ok" and results["consistory"]["status"] == "ok"
+    per_forward = [t for t in results["targets"] if t["target"].startswith("SDXL per forward")]
+    kinds = [t["target"].rsplit(", ", 1)[1] for t in per_forward]
+    assert kinds == ["write", "read-1", "read-2", "read-4"]
+    assert all(t["measured"] > 0 and t["met"] is None for t in per_forward)
+    consistory = targets["ConsiStory+ protocol (tiny): CSA / stock seconds per image"]
+    methods = results["consistory"]["results"]["methods"]
+    expected = methods["storydiffusion"]["seconds_per_image"] / methods["none"]["seconds_per_image"]
+    assert consistory["measured"] == round(expected, 3) and consistory["met"] is None
 
 
 def test_tiny_check_writes_the_markdown_table(tiny_check: tuple[dict, str]) -> None:
@@ -117,25 +128,55 @@ def test_targets_on_made_up_gpu_runs() -> None:
         run(gc, "two_friends/csa/rerun", wall=2.5, generated=0),
         run(gc, "two_friends/stock/fp16-vae", peak_gib=8.0, **cuda),
         run(gc, "two_friends/csa/fp16-vae", status="skipped"),
-        run(gc, "two_friends/stock/compile", wall=20.0),
-        run(gc, "two_friends/csa/compile", status="timed out", wall=120.0),
-        run(gc, "lighthouse/stock/compile", status="not run"),
+        run(gc, "lighthouse/stock/eager", wall=33.0, steady_step_s=0.36),
+        run(gc, "lighthouse/csa/eager", wall=31.0, steady_step_s=0.4),
+        run(gc, "lighthouse/stock/compile", wall=30.0, steady_step_s=0.24),
+        run(gc, "lighthouse/csa/compile", status="timed out", wall=120.0),
+        run(gc, "two_friends/stock/compile", status="not run"),
     ]
     summary = gc.comparisons(runs)
     assert summary["csa_over_stock"]["two_friends/eager"]["denoise"] == 1.125
-    assert summary["compile"]["two_friends/stock"]["compile_s"] == -3.0
-    assert summary["compile"]["two_friends/stock"]["faster"] is True
-    assert "lighthouse/stock" not in summary["compile"]  # never started: no verdict
+    assert summary["compile"]["lighthouse/stock"]["compile_s"] == -3.0
+    assert summary["compile"]["lighthouse/stock"]["faster"] is True
+    assert summary["compile"]["lighthouse/stock"]["steady_speedup"] == 1.5
+    assert "two_friends/stock" not in summary["compile"]  # never started: no verdict
 
     met = {t["target"]: t["met"] for t in gc.targets(runs, summary)}
     assert met["story peak, default VAE (largest of the eager runs)"] is False  # 12.5 > 12
     assert met["story peak, fp16-safe VAE (largest of its runs)"] is True
     assert met["UNet forwards per step, two_friends: CSA ≤ stock + 1"] is True
     assert met["denoising time, two_friends: CSA / stock"] is True
-    assert met["--compile wall (compiling included) < eager wall, two_friends/stock"] is True
-    # Killed after 300 s against an eager 31 s: not faster.
-    assert met["--compile wall (compiling included) < eager wall, two_friends/csa"] is False
+    assert met["--compile wall (compiling included) < eager wall, lighthouse/stock"] is True
+    assert met["--compile steady step, eager / compiled, lighthouse/stock"] is True  # 1.5 ≥ 1.2
+    # Killed after 300 s against an eager 31 s: not faster; its steady step is unknown.
+    assert met["--compile wall (compiling included) < eager wall, lighthouse/csa"] is False
+    assert met["--compile steady step, eager / compiled, lighthouse/csa"] is None
     assert met["rerun with nothing to do, wall"] is True
+
+
+def test_only_picks_groups_and_compile_brings_its_eager_baseline() -> None:
+    gc = load_module()
+    args = gc.parse_args(["--only", "compile", "forward"])
+    assert args.groups == ("forward", "compile")  # the check's own order
+    runs = {r.id: r for r in gc.plan_runs({"--compile"}, tiny=False, groups=args.groups)}
+    picked = {i for i, r in runs.items() if r.status == "not run"}
+    assert picked == {
+        "lighthouse/stock/eager",
+        "lighthouse/csa/eager",
+        "lighthouse/stock/compile",
+        "lighthouse/csa/compile",
+    }
+    assert runs["two_friends/csa/eager"].note == "not picked (--only)"
+    assert gc.parse_args(["--no-dit"]).groups == tuple(g for g in gc.GROUPS if g != "dit")
+    assert gc.parse_args([]).groups == gc.GROUPS and gc.parse_args([]).only is None
+
+
+def test_steady_step_is_the_median_of_the_later_half(tmp_path) -> None:
+    gc = load_module()
+    steps = [9.0, 5.0, 0.5, 0.4, 0.3, 0.31, 0.29, 0.3]  # compiling, then steady
+    manifest = {"seconds": 20.0, "frames": [], "story_loop": {"step_seconds": steps}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert gc.manifest_metrics(tmp_path)["steady_step_s"] == 0.3
 
 
 def test_builds_and_saves_an_fp16_folder_diffusers_loads(tmp_path, monkeypatch) -> None:
@@ -190,3 +231,44 @@ def test_shell_scripts_parse_and_pass_shellcheck(shellcheck: str) -> None:
         assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([shellcheck, *map(str, SHELL_SCRIPTS)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_script_targets_from_made_up_gpu_results() -> None:
+    scripts = load_script(BENCHMARKS / "gpu_scripts.py", "gpu_scripts_targets")
+    gpu = {"tiny": False, "device": "cuda"}
+
+    def forward(kind: str, ratio: float, resolution: int = 1024) -> dict:
+        return {"mode": "csa", "kind": kind, "resolution": resolution, "ratio": ratio,
+                "stock_seconds": 0.1, "csa_seconds": 0.1 * ratio}  # fmt: skip
+
+    results = {
+        "meta": {"id_length": 4},
+        "forwards": [
+            forward("write", 1.08),
+            forward("read-1", 1.12),
+            forward("write", 1.5, resolution=768),  # not the largest size: not a target
+            {**forward("read-2", 1.0), "mode": "csa-window"},  # another mode
+        ],
+    }
+    rows = scripts.forward_targets({"status": "ok", "results": results}, gpu)
+    assert [(t["target"], t["measured"], t["met"]) for t in rows] == [
+        ("SDXL per forward, 1024², R = 4: CSA / stock, write", 1.08, True),
+        ("SDXL per forward, 1024², R = 4: CSA / stock, read-1", 1.12, False),
+    ]
+    (cpu_row,) = scripts.forward_targets(
+        {"status": "ok", "results": results}, gpu | {"tiny": True}
+    )[:1]
+    assert cpu_row["met"] is None  # never a verdict from a CPU
+
+    def method(seconds: float) -> dict:
+        return {"images": 10, "seconds_per_image": seconds, "peak_memory_gb": 9.1}
+
+    record = {
+        "status": "ok",
+        "results": {"methods": {"none": method(2.0), "storydiffusion": method(2.3)}},
+    }
+    (row,) = scripts.consistory_targets(record, gpu)
+    assert row["measured"] == 1.15 and row["met"] is False
+    (missing,) = scripts.consistory_targets({"status": "timed out"}, gpu)
+    assert missing["measured"] is None and missing["detail"] == "timed out"
+    assert scripts.forward_targets(None, gpu) == [] and scripts.consistory_targets(None, gpu) == []

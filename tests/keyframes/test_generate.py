@@ -842,6 +842,11 @@ def test_killed_run_resumes_from_its_checkpoint_with_identical_pixels(tmp_path: 
     manifest = json.loads((out / "pair" / "manifest.json").read_text(encoding="utf-8"))
     resumed = manifest["story_loop"]["checkpoint"]["resumed_from_step"]
     assert resumed is not None and resumed >= 2, manifest["story_loop"]
+    # Only the steps this run made are timed; the uninterrupted run timed all 40.
+    steps_timed = manifest["story_loop"]["step_seconds"]
+    assert len(steps_timed) == 40 - (resumed + 1) and min(steps_timed) > 0
+    whole_loop = json.loads((whole / "pair" / "manifest.json").read_text())["story_loop"]
+    assert len(whole_loop["step_seconds"]) == 40
     assert generated(summary) == set(range(1, 6))
     assert not checkpoint.exists()
     for name in PAIR_FILES[:5]:
