@@ -60,6 +60,7 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -549,9 +550,11 @@ def run_gguf_part(
     say: Any,
     save: Any,
     record: dict[str, Any],
+    bf16: Any,
 ) -> None:
-    """Part 3 into `record`: the pipeline's bfloat16 transformer replaced by a random Q8_0 GGUF
-    file of the same config loaded through storycli's loader, then the stories again."""
+    """Part 3 into `record`: the pipeline's bfloat16 transformer (`bf16`, a weak reference)
+    replaced by a random Q8_0 GGUF file of the same config loaded through storycli's loader,
+    then the stories again."""
     import torch
     from flux_gguf import gguf_transformer
 
@@ -567,6 +570,8 @@ def run_gguf_part(
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    # Were something still to hold the bf16 transformer, its 22 GiB would count in every peak.
+    record["bf16_transformer_freed"] = bf16() is None
     record["resident_before_bytes"] = Memory(device).now()
     say("writing a random Q8_0 GGUF FLUX.1 transformer and loading it with storycli's loader …")
     public = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -733,7 +738,9 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"{built['write_seconds']:.1f} s to {built['folder']}, loaded by storycli's "
                 f"loader in {built['load_seconds']:.1f} s ({built['gguf_linears']} GGUF linear "
                 f"layers): {built['transformer_weight_bytes'] / MIB:.1f} MiB of weights on the "
-                f"device (before it: {gguf['resident_before_bytes'] / GIB:.3f} GiB resident).",
+                f"device (before it: {gguf['resident_before_bytes'] / GIB:.3f} GiB resident; "
+                "the bf16 transformer freed: "
+                f"{'yes' if gguf['bf16_transformer_freed'] else 'NO'}).",
                 "",
             ]
         if gguf.get("note"):
@@ -928,9 +935,10 @@ def main(argv: list[str] | None = None) -> int:
         run_story_part(pipe, args, deadline, say, save, build["transformer_weight_bytes"],
                        payload["story"])  # fmt: skip
     if "gguf" in args.parts:
-        del transformer  # (the pipeline's goes in run_gguf_part: the bf16 weights leave)
+        bf16 = weakref.ref(transformer)  # to check that the bf16 weights did leave
+        del transformer  # (the pipeline's goes in run_gguf_part)
         payload["gguf"] = {}
-        run_gguf_part(pipe, build["config"], args, deadline, say, save, payload["gguf"])
+        run_gguf_part(pipe, build["config"], args, deadline, say, save, payload["gguf"], bf16)
     path = save()
     say(f"wrote {path} and {path.with_suffix('.md')}")
     print(path.with_suffix(".md").read_text())

@@ -85,6 +85,7 @@ def test_tiny_run_reruns_the_stories_on_a_q8_gguf_transformer(tiny_run: tuple[di
     payload, markdown = tiny_run
     gguf = payload["gguf"]
     built = gguf["build"]
+    assert gguf["bf16_transformer_freed"] is True  # nothing kept the float transformer alive
     # The random file went through storycli's loader: quantized layers, fewer bytes than float32.
     assert built["tensors"]["Q8_0"] > 0 and built["gguf_linears"] > 0
     assert (
