@@ -126,12 +126,23 @@ def write_random_gguf(config: dict[str, Any], path: Path, device: Any, seed: int
 
 
 def scratch_folder(need_bytes: int) -> Path:
-    """Where the file goes: /dev/shm when it has room (the GPU machine's disk speed is
-    unknown; memory is 125 GiB), else the temp folder."""
+    """Where the file goes: /dev/shm when it and the memory have room (the GPU machine's disk
+    speed is unknown; its memory is 125 GiB), else the temp folder. A file in /dev/shm is
+    memory, and loading copies it once more: so three times its size must be free."""
     shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > need_bytes * 1.2:
-        return shm
-    return Path(tempfile.gettempdir())
+    roomy = shm.is_dir() and shutil.disk_usage(shm).free > need_bytes * 1.2
+    return shm if roomy and available_memory() > 3 * need_bytes else Path(tempfile.gettempdir())
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def file_bytes_estimate(config: dict[str, Any]) -> int:
