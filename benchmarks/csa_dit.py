@@ -75,6 +75,7 @@ TIME_TARGET = 1.15  # CSA / stock time per image at FLUX.1 size, 1024²
 PEAK_OVER_WEIGHTS_GIB = 4.0  # story peak ≤ transformer weights + 4 GiB (bf16, 1024², 6 frames)
 GROWTH_TOLERANCE = 1.01  # "flat in frames": the longest story's CSA peak within 1 % of the shortest
 GGUF_PEAK_GIB = 17.0  # story peak with a Q8_0 GGUF transformer (fits a 24 GB card with room)
+GGUF_OFFLOAD_BYTES = 16e9  # the same with --offload model: a 16 GB card
 GGUF_MIN_S = 120.0  # the least budget left to start the GGUF part (a 13 GB file; tiny: none)
 
 #: FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
@@ -587,6 +588,19 @@ def run_gguf_part(
     )
     save()
     run_story_part(pipe, args, deadline, say, save, weight_bytes, record)
+    if time.perf_counter() > deadline:
+        say("budget spent: the GGUF story with --offload model not run")
+        return
+    from storycli.weights.devices import place_pipeline
+
+    # What `--offload model` does: each component on the device only while it runs.
+    place_pipeline(pipe, str(device), "model")
+    run = run_story(pipe, "storydiffusion", max(args.frames), args)
+    record["offload_model"] = run
+    say(
+        f"GGUF, --offload model, CSA {run['frames']} frames: peak {run['peak_bytes'] / GIB:.3f} GiB"
+    )
+    save()
 
 
 def story_summary(runs: list[dict[str, Any]], weight_bytes: int) -> dict[str, Any]:
@@ -747,6 +761,12 @@ def markdown(payload: dict[str, Any]) -> str:
             lines += [f"Not run: {gguf['note']}.", ""]
         if gguf.get("runs"):
             lines += story_lines(gguf, None)
+        if gguf.get("offload_model"):
+            lines += [
+                "With `--offload model` (storycli's `place_pipeline`):",
+                "",
+                *story_lines({"runs": [gguf["offload_model"]]}, None),
+            ]
     lines += ["## Targets (issue 22)", "", "| target | measured | met |", "|---|---:|:---:|"]
     if fwd:
         at = [s for s in fwd["stories"] if s["frames"] == max(meta["frames"])]
@@ -780,6 +800,13 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(
             f"| Q8_0 GGUF: CSA story peak, {gguf_summary['csa_longest_frames']} frames ≤ "
             f"{GGUF_PEAK_GIB:g} GiB | {peak / GIB:.3f} GiB | {verdict(peak, limit, gpu)} |"
+        )
+    offload = (gguf or {}).get("offload_model")
+    if offload:
+        peak = offload["peak_bytes"]
+        lines.append(
+            f"| Q8_0 GGUF with --offload model: CSA story peak, {offload['frames']} frames ≤ 16 GB "
+            f"| {peak / GIB:.3f} GiB | {verdict(peak, GGUF_OFFLOAD_BYTES, gpu)} |"
         )
     if not gpu:
         lines += [

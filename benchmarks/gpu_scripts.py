@@ -39,6 +39,7 @@ TINY_CAP = 120  # seconds any run may take in --tiny mode
 # Issue 22's targets (FLUX.1 DiT).
 DIT_TIME = 1.15  # CSA / stock time per image, FLUX.1 size, 1024²
 DIT_GGUF_GIB = 17.0  # story peak with a Q8_0 GGUF transformer
+DIT_OFFLOAD_BYTES = 16e9  # the same with --offload model: fits a 16 GB card
 # Issue 19's targets read from scripts.
 FORWARD_RATIO = 1.10  # per-forward CSA / stock at 1024², R = 4, every layer, each kind
 FORWARD_KINDS = ("write", "read-1", "read-2", "read-4")
@@ -298,6 +299,15 @@ def dit_targets(dit: dict[str, Any] | None, meta: dict[str, Any]) -> list[dict[s
         rows.append(
             target(gguf_label, f"≤ {DIT_GGUF_GIB:g} GiB", None, None, gguf.get("note", status))
         )
+    offload = gguf.get("offload_model")
+    offload_label = f"{label}: Q8_0 GGUF with --offload model, CSA story peak"
+    if offload:
+        peak = offload["peak_bytes"]
+        met = peak <= DIT_OFFLOAD_BYTES if gpu else None
+        detail = f"{offload['frames']} frames ({peak / 1e9:.2f} GB)"
+        rows.append(target(offload_label, "≤ 16 GB", round(peak / GIB, 3), met, detail))
+    else:
+        rows.append(target(offload_label, "≤ 16 GB", None, None, gguf.get("note", status)))
     return rows
 
 

@@ -98,6 +98,11 @@ def test_tiny_run_reruns_the_stories_on_a_q8_gguf_transformer(tiny_run: tuple[di
     assert runs[("storydiffusion", 6)]["peak_bank_bytes"] > 0
     assert gguf["summary"]["csa_longest_frames"] == 6
     assert "## Q8_0 GGUF transformer" in markdown
+    # Then the way `--offload model` places the pipeline (storycli's place_pipeline).
+    offload = gguf["offload_model"]
+    assert offload["method"] == "storydiffusion" and offload["frames"] == 6
+    assert offload["peak_bytes"] > 0 and offload["peak_bank_bytes"] > 0
+    assert "| Q8_0 GGUF with --offload model: CSA story peak, 6 frames ≤ 16 GB |" in markdown
     assert "| Q8_0 GGUF: CSA story peak, 6 frames ≤ 17 GiB |" in markdown
 
 
@@ -167,11 +172,16 @@ def test_gpu_check_reads_dit_targets_from_a_made_up_gpu_run() -> None:
             }
         },
     }
-    results["gguf"] = {"summary": {"csa_longest_peak_bytes": 16.5 * gib, "csa_longest_frames": 6}}
+    results["gguf"] = {
+        "summary": {"csa_longest_peak_bytes": 16.5 * gib, "csa_longest_frames": 6},
+        "offload_model": {"frames": 6, "peak_bytes": 15.5e9},
+    }
     dit = {"status": "ok", "results": results}
     rows = gc.dit_targets(dit, {"tiny": False, "device": "cuda"})
     met = {t["target"]: (t["measured"], t["met"]) for t in rows}
     assert met["FLUX.1 DiT, 1024²: Q8_0 GGUF transformer, CSA story peak"] == (16.5, True)
+    offload = "FLUX.1 DiT, 1024²: Q8_0 GGUF with --offload model, CSA story peak"
+    assert met[offload] == (round(15.5e9 / gib, 3), True)  # 15.5 GB ≤ 16 GB
     # Judged at the story loop's GPU micro-batch (4), not the best one.
     assert met["FLUX.1 DiT, 1024²: CSA / stock time per image"] == (1.2, False)
     assert met["FLUX.1 DiT, 1024²: CSA story peak ≤ transformer weights + 4 GiB"] == (25.0, True)

@@ -74,7 +74,7 @@ def test_tiny_check_records_both_methods_and_ratios(tiny_check: tuple[dict, str]
     dit = results["dit"]
     assert dit["status"] == "ok" and dit["results"]["meta"]["tiny"] is True
     dit_rows = [t for t in results["targets"] if t["target"].startswith("FLUX.1 DiT")]
-    assert len(dit_rows) == 4 and all(t["measured"] and t["met"] is None for t in dit_rows)
+    assert len(dit_rows) == 5 and all(t["measured"] and t["met"] is None for t in dit_rows)
 
     # Issue 19's script targets: csa.py's --quick per forward, the ConsiStory+ protocol (tiny).
     assert results["forward"]["status"] == "ok" and results["consistory"]["status"] == "ok"
