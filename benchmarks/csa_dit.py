@@ -24,8 +24,10 @@ Two parts, in one process, on one transformer (issue 22):
    same transformer (``benchmarks/flux_gguf.py``: city96's ``flux1-dev-Q8_0.gguf`` layout, drawn
    on the device, written to /dev/shm when it has room) is loaded by storycli's own loader (what
    ``model: flux1-dev-Q8_0.gguf`` runs: weights kept quantized, each layer dequantized to
-   bfloat16 for its matmul), and the stories of part 2 run again on it: issue 22's "≤ 17 GiB".
-   Skipped when less than ``GGUF_MIN_S`` of the budget is left (file ≈ 13 GB: ≈ 30-60 s).
+   bfloat16 for its matmul), and the stories of part 2 run again on it: issue 22's "≤ 17 GiB";
+   then the longest CSA story once more with the pipeline placed as ``--offload model`` places
+   it (``storycli.weights.devices.place_pipeline``): "16 GB with ``--offload model``". Skipped
+   when less than ``GGUF_MIN_S`` of the budget is left (file ≈ 13 GB: ≈ 30-40 s to make).
 
 The model: FLUX.1-dev's real transformer (19 double- + 38 single-stream blocks, 24 heads × 128,
 joint_attention_dim 4096, pooled 768, guidance embedding, RoPE axes (16, 56, 56); 11.9 B
