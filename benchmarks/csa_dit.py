@@ -60,7 +60,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -68,7 +67,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # story_loop's shared helpers, when loaded by path (the tests)
-from story_loop import Memory, made_on, settle, sync  # noqa: E402
+from story_loop import Memory, made_on, plan_of, settle, sync, write_results  # noqa: E402
 
 GIB, MIB = 2**30, 2**20
 
@@ -443,15 +442,10 @@ def run_story(pipe: Any, method: str, frames: int, args: argparse.Namespace) -> 
     import torch
 
     from storycli.keyframes.loop import generate_keyframes
-    from storycli.keyframes.plan import build_plan
     from storycli.keyframes.schedule import render_size
-    from storycli.story.loader import load_story
 
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "story.yaml"
-        path.write_text(story_yaml(method, frames, args))
-        plan = build_plan(load_story(path))
+    plan = plan_of(story_yaml(method, frames, args))
     size = render_size(plan, None)
     gc.collect()
     if device.type == "cuda":
@@ -818,22 +812,6 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(payload: dict[str, Any], out: Path, stem: str, t0: float) -> Path:
-    from storycli.atomic import atomic_write_text
-
-    out.mkdir(parents=True, exist_ok=True)
-    payload["meta"]["wall_seconds"] = time.perf_counter() - t0
-    json_path = out / f"{stem}.json"
-    # Atomically (storycli.atomic): the GPU check may kill this process mid-write and then
-    # read the file.
-    for path, text in (
-        (json_path, json.dumps(payload, indent=1, default=str) + "\n"),
-        (json_path.with_suffix(".md"), markdown(payload)),
-    ):
-        atomic_write_text(path, text)
-    return json_path
-
-
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -934,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def save() -> Path:
-        return write_results(payload, args.out, stem, t0)
+        return write_results(payload, args.out, stem, t0, markdown)
 
     say(f"building the transformer on {args.device} in {args.dtype} …")
     pipe, transformer, build = build_models(args)

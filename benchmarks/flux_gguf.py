@@ -17,11 +17,12 @@ weight's scale makes its values spread like `nn.Linear`'s default initialisation
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 GIB = 2**30
 Q8_BLOCK = 32  # values per Q8_0 block; each block is a float16 scale and 32 int8 values
@@ -54,14 +55,37 @@ def bfl_shapes(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
 def quant_kind(name: str, shape: tuple[int, ...]) -> str:
     """ "F32" (1-D), "F16" (small, or rows that are not whole blocks) or "Q8_0", as city96's
     files store FLUX.1's tensors."""
-    values = 1
-    for n in shape:
-        values *= n
     if len(shape) == 1:
         return "F32"
-    if values <= QUANTIZATION_THRESHOLD or shape[-1] % Q8_BLOCK:
+    if math.prod(shape) <= QUANTIZATION_THRESHOLD or shape[-1] % Q8_BLOCK:
         return "F16"
     return "Q8_0"
+
+
+class GgufTensor(NamedTuple):
+    """One tensor of the file: its BFL name, (unquantized) shape, kind and bytes of data."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    nbytes: int
+
+
+def gguf_tensors(config: dict[str, Any]) -> list[GgufTensor]:
+    """The file's tensors, in order, for a FLUX.1 transformer of diffusers config `config`."""
+    out = []
+    for name, shape in bfl_shapes(config):
+        kind, values = quant_kind(name, shape), math.prod(shape)
+        nbytes = {"F32": 4 * values, "F16": 2 * values}.get(
+            kind, values // Q8_BLOCK * Q8_BLOCK_BYTES
+        )
+        out.append(GgufTensor(name, shape, kind, nbytes))
+    return out
+
+
+def file_bytes(tensors: list[GgufTensor]) -> int:
+    """The file's tensor data in bytes (without header and padding)."""
+    return sum(t.nbytes for t in tensors)
 
 
 def random_tensor(name: str, shape: tuple[int, ...], kind: str, generator: Any) -> Any:
@@ -88,34 +112,31 @@ def random_tensor(name: str, shape: tuple[int, ...], kind: str, generator: Any) 
     return data.view(torch.uint8).reshape(rows, blocks * Q8_BLOCK_BYTES).cpu().numpy()
 
 
-def write_random_gguf(config: dict[str, Any], path: Path, device: Any, seed: int) -> dict:
-    """Write `path`: a random Q8_0 GGUF FLUX.1 transformer of diffusers config `config`
-    (what `model: flux1-dev-Q8_0.gguf` loads). Returns the file's size, tensor counts per kind
+def write_random_gguf(tensors: list[GgufTensor], path: Path, device: Any, seed: int) -> dict:
+    """Write `path`: a random Q8_0 GGUF FLUX.1 transformer of these tensors (`gguf_tensors`;
+    what `model: flux1-dev-Q8_0.gguf` loads). Returns the file's size, tensor counts per kind
     and the seconds taken."""
     import gguf
     import numpy as np
     import torch
 
     started = time.perf_counter()
-    tensors = [(name, shape, quant_kind(name, shape)) for name, shape in bfl_shapes(config)]
-    kinds = [kind for _, _, kind in tensors]
+    kinds = [t.kind for t in tensors]
     writer = gguf.GGUFWriter(str(path), arch="flux")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     q8 = gguf.GGMLQuantizationType.Q8_0
-    for name, shape, kind in tensors:
+    for name, shape, kind, nbytes in tensors:
         if kind == "Q8_0":
             byte_shape = (shape[0], shape[-1] // Q8_BLOCK * Q8_BLOCK_BYTES)
-            nbytes = byte_shape[0] * byte_shape[1]
             writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=q8)
         else:
             dtype = np.dtype(np.float32 if kind == "F32" else np.float16)
-            nbytes = int(np.prod(shape)) * dtype.itemsize
             writer.add_tensor_info(name, shape, dtype, nbytes)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     generator = torch.Generator(device=device).manual_seed(seed)
-    for name, shape, kind in tensors:
+    for name, shape, kind, _ in tensors:
         writer.write_tensor_data(random_tensor(name, shape, kind, generator))
     writer.close()
     return {
@@ -145,35 +166,23 @@ def available_memory() -> int:
     return 0
 
 
-def file_bytes_estimate(config: dict[str, Any]) -> int:
-    """The GGUF file's size from the shapes alone (tensor data, without header and padding)."""
-    total = 0
-    for name, shape in bfl_shapes(config):
-        values = 1
-        for n in shape:
-            values *= n
-        kind = quant_kind(name, shape)
-        total += {"F32": 4 * values, "F16": 2 * values}.get(
-            kind, values // Q8_BLOCK * Q8_BLOCK_BYTES
-        )
-    return total
-
-
 def gguf_transformer(config: dict[str, Any], device: Any, dtype: Any, seed: int) -> tuple:
     """(transformer, record): a random Q8_0 GGUF file of `config` written to a scratch folder,
     loaded by storycli's loader (computing in `dtype`) with `config` as its
     `transformer/config.json`, moved to `device`; the file is deleted once loaded."""
     from storycli.keyframes.flux_files import load_flux_transformer_file
 
-    need = file_bytes_estimate(config)
-    with tempfile.TemporaryDirectory(dir=scratch_folder(need), prefix="flux-gguf-") as tmp:
+    tensors = gguf_tensors(config)  # (builds the model on meta: once)
+    with tempfile.TemporaryDirectory(
+        dir=scratch_folder(file_bytes(tensors)), prefix="flux-gguf-"
+    ) as tmp:
         folder = Path(tmp)
         (folder / "transformer").mkdir()
         (folder / "transformer/config.json").write_text(
             json.dumps({"_class_name": "FluxTransformer2DModel", **config})
         )
         path = folder / "flux1-dev-Q8_0.gguf"
-        record = write_random_gguf(config, path, device, seed) | {"folder": str(folder.parent)}
+        record = write_random_gguf(tensors, path, device, seed) | {"folder": str(folder.parent)}
         started = time.perf_counter()
         transformer = load_flux_transformer_file(path, dtype, folder)
         record["load_seconds"] = round(time.perf_counter() - started, 3)

@@ -966,7 +966,7 @@ def script_hooks(
     before the run `SCRIPTS_BEFORE` names."""
     runners = {
         "dit": lambda: run_dit(args, device, work, deadline, t0),
-        "forward": lambda: run_forward(args, device, work, deadline, t0),
+        "forward": lambda: run_forward(args, work, deadline, t0),
         "consistory": lambda: run_consistory(args, device, model, work, deadline, t0),
     }
 

@@ -186,11 +186,9 @@ def run_dit(
     return run_script(SCRIPTS["dit"], command, (out, "csa-dit-*.json"), args, work, deadline, t0)
 
 
-def run_forward(
-    args: argparse.Namespace, device: str, work: Path, deadline: float, t0: float
-) -> dict[str, Any]:
-    """`benchmarks/csa.py` in CSA mode: SDXL's UNet at 1024², R = 4, 3 timed rounds (--tiny: its
-    `--quick` smoke test on the tiny UNet)."""
+def run_forward(args: argparse.Namespace, work: Path, deadline: float, t0: float) -> dict[str, Any]:
+    """`benchmarks/csa.py` in CSA mode: SDXL's UNet at 1024², R = 4, 3 timed rounds on the
+    first GPU, csa.py's only CUDA choice (--tiny: its `--quick` smoke test on the tiny UNet)."""
     out = work / "forward"
 
     def command(_timeout: float) -> list[str]:

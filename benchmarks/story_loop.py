@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,36 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def plan_of(story_text: str) -> Any:
+    """The plan of a story given as YAML text, through storydiff's own loader and planner."""
+    from storycli.keyframes.plan import build_plan
+    from storycli.story.loader import load_story
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "story.yaml"
+        path.write_text(story_text)
+        return build_plan(load_story(path))
+
+
+def write_results(
+    payload: dict[str, Any], out: Path, stem: str, t0: float, markdown: Callable[[dict], str]
+) -> Path:
+    """`<out>/<stem>.json` and its `.md` (`markdown(payload)`), the wall time so far in the
+    payload's meta. Atomically (storycli.atomic): the GPU check may kill a benchmark mid-write
+    and then read its files."""
+    from storycli.atomic import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    payload["meta"]["wall_seconds"] = time.perf_counter() - t0
+    json_path = out / f"{stem}.json"
+    for path, text in (
+        (json_path, json.dumps(payload, indent=1, default=str) + "\n"),
+        (json_path.with_suffix(".md"), markdown(payload)),
+    ):
+        atomic_write_text(path, text)
+    return json_path
+
+
 def build_sdxl_pipeline(dtype: Any, device: Any, seed: int) -> Any:
     """SDXL's UNet and VAE architectures with random weights, small random text encoders with
     SDXL's output sizes, storycli.weights.tiny's tokenizers; parameters created in `dtype` on
@@ -250,9 +280,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     from storycli.keyframes.loop import generate_keyframes
     from storycli.keyframes.models import set_scheduler
-    from storycli.keyframes.plan import build_plan
     from storycli.keyframes.schedule import render_size
-    from storycli.story.loader import load_story
     from storycli.weights.devices import device_description, place_pipeline
 
     if spec.get("threads"):
@@ -269,10 +297,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     place_pipeline(pipe, str(device), "none")
     build_s = time.perf_counter() - t0
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "story.yaml"
-        path.write_text(story_yaml(spec))
-        plan = build_plan(load_story(path))
+    plan = plan_of(story_yaml(spec))
     set_scheduler(pipe, plan.story.scheduler)
     size = render_size(plan, None)
 

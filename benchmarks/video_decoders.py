@@ -54,7 +54,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # story_loop's shared helpers, when loaded by path (the tests)
-from story_loop import Memory, made_on, settle, sync  # noqa: E402
+from story_loop import Memory, made_on, settle, sync, write_results  # noqa: E402
 
 GIB = 2**30
 DECODERS = ("ltx", "wan")  # run order: LTX (2B, quick) first, then Wan's 14B
@@ -511,21 +511,6 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(payload: dict[str, Any], out: Path, stem: str, t0: float) -> Path:
-    from storycli.atomic import atomic_write_text
-
-    out.mkdir(parents=True, exist_ok=True)
-    payload["meta"]["wall_seconds"] = time.perf_counter() - t0
-    json_path = out / f"{stem}.json"
-    # Atomically (storycli.atomic): the GPU run may be killed mid-write, its files read back.
-    for path, text in (
-        (json_path, json.dumps(payload, indent=1, default=str) + "\n"),
-        (json_path.with_suffix(".md"), markdown(payload)),
-    ):
-        atomic_write_text(path, text)
-    return json_path
-
-
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -591,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     stem += payload["meta"]["date"]
 
     def save() -> Path:
-        return write_results(payload, args.out, stem, t0)
+        return write_results(payload, args.out, stem, t0, markdown)
 
     for name in args.decoders:
         record: dict[str, Any] = {}

@@ -52,3 +52,12 @@ def hub_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def hub_cache(hub_offline: None, tmp_path: Path) -> Path:
+    """`hub_offline`'s empty cache, made: what tests fill with tiny repos saved as the hub
+    lays them out."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    return cache

@@ -55,3 +55,13 @@ def final_latents(
         run_loop(pipe, plan, size)
     order = [i for call in plan.calls for i in call.frames]
     return dict(zip(order, final, strict=True))
+
+
+def latent_moves(
+    pipe: Any, plan: Plan, baseline: Plan, size: RenderSize, monkeypatch: pytest.MonkeyPatch
+) -> dict[int, float]:
+    """How far each frame's final latents under `plan` lie from `baseline`'s (largest absolute
+    difference), by frame index: FLUX's tiny random VAE could hide a change in pixels."""
+    ours = final_latents(pipe, plan, size, monkeypatch)
+    theirs = final_latents(pipe, baseline, size, monkeypatch)
+    return {i: (ours[i] - theirs[i]).abs().max().item() for i in ours}

@@ -117,22 +117,35 @@ def _tiny_vae() -> diffusers.AutoencoderKL:
 def _tiny_text_encoders(
     tokenizer: transformers.CLIPTokenizer, tokenizer_2: transformers.T5TokenizerFast
 ) -> tuple[transformers.CLIPTextModel, transformers.T5EncoderModel]:
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
-    t5 = T5Config(
-        vocab_size=len(tokenizer_2),
-        d_model=_HIDDEN,
+    t5 = tiny_t5_config(tokenizer_2, _HIDDEN)
+    return CLIPTextModel(text_encoder_config(tokenizer)).eval(), T5EncoderModel(t5).eval()
+
+
+def tiny_t5_config(
+    tokenizer: transformers.T5TokenizerFast,
+    d_model: int,
+    config_class: type[transformers.T5Config] | None = None,
+) -> transformers.T5Config:
+    """The tiny T5 encoder every tiny pipeline's text tower uses (FLUX's, LTX-Video's; Wan's
+    with `config_class` UMT5Config): 2 layers of `d_model`, gated GELU as T5 v1.1 / UMT5-XXL,
+    sized to `tokenizer`."""
+    from transformers import T5Config
+
+    return (config_class or T5Config)(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
         d_kv=8,
         d_ff=64,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",  # as T5 v1.1 (FLUX's T5-XXL)
-        pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id,
-        decoder_start_token_id=tokenizer_2.pad_token_id,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(text_encoder_config(tokenizer)).eval(), T5EncoderModel(t5).eval()
 
 
 def _flux_scheduler() -> diffusers.FlowMatchEulerDiscreteScheduler:

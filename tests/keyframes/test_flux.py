@@ -9,7 +9,6 @@ run yet is refused in one line before any weights load.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,20 +195,6 @@ def test_what_flux_cannot_run_yet_is_refused_in_one_line(
     line = line.split(" ", 1)[1]
     assert line.startswith(field) and "FLUX.1" in line, line
     assert not (tmp_path / "out" / "fluxy" / "frame_01.png").exists()
-
-
-@pytest.fixture
-def hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """An empty hub cache, offline (as `tests/keyframes/test_models.py`'s)."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.chdir(tmp_path)
-    yield cache
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from cli_runs import pixels, run_cli, write_story
-from loop_runs import final_latents, plan_story, run_loop
+from loop_runs import final_latents, latent_moves, plan_story, run_loop
 
 from storycli.keyframes.backbones.flux import FluxBackbone
 from storycli.keyframes.checkpoints import LoopCheckpoint
@@ -113,9 +113,7 @@ def test_csa_changes_the_frames_and_repeats_bit_identically(
     # random VAE could hide a change in pixels), by far more than an ulp; the [NC] frame
     # reads no bank and stays `method: none`'s, within the ulps of batch composition.
     none_plan, _ = plan_of(tmp_path, "none", consistency={"method": "none"})
-    ours = final_latents(pipe, plan, size, monkeypatch)
-    plain = final_latents(pipe, none_plan, size, monkeypatch)
-    moved = {i: (ours[i] - plain[i]).abs().max().item() for i in ours}
+    moved = latent_moves(pipe, plan, none_plan, size, monkeypatch)
     assert all(moved[i] > 1e-2 for i in (0, 1, 2, 4, 5)), moved
     assert moved[3] < 1e-5, moved
     none = run_loop(pipe, none_plan, size)

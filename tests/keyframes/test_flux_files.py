@@ -49,19 +49,6 @@ def dev(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict[str,
     }
 
 
-@pytest.fixture
-def hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """An empty hub cache, offline."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def forward(transformer: Any) -> torch.Tensor:
     """One denoising call on fixed random inputs (16 image tokens, 8 text tokens)."""
     gen = torch.Generator().manual_seed(0)

@@ -9,7 +9,6 @@ The files are the tiny random FLUX.1 (schnell-like) transformer written by `flux
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +40,6 @@ def schnell(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict[
         ),
         "gguf": write_flux_gguf(pipe.transformer, folder / "flux1-schnell-Q8_0.gguf"),
     }
-
-
-@pytest.fixture
-def hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """An empty hub cache, offline (as `tests/keyframes/test_models.py`'s)."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.chdir(tmp_path)
-    yield cache
 
 
 def file_story(model: Path | str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import torch
 
 from storycli.motion.decoders.animatediff_tiny import settle_tiny_pipeline
 from storycli.weights.tiny import TINY_SEED
-from storycli.weights.tiny_flux import build_t5_tokenizer
+from storycli.weights.tiny_flux import build_t5_tokenizer, tiny_t5_config
 from storycli.weights.tiny_words import TINY_T5_LENGTH
 
 if TYPE_CHECKING:
@@ -142,22 +142,9 @@ def _tiny_vae() -> diffusers.AutoencoderKLLTXVideo:
 
 
 def _tiny_text_encoder(tokenizer: transformers.T5TokenizerFast) -> transformers.T5EncoderModel:
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=_TEXT_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",  # as t5-v1_1-xxl
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return T5EncoderModel(config)
+    return T5EncoderModel(tiny_t5_config(tokenizer, _TEXT_DIM))  # as t5-v1_1-xxl
 
 
 def _ltx_scheduler() -> diffusers.FlowMatchEulerDiscreteScheduler:

@@ -37,7 +37,7 @@ import torch
 from storycli.motion.decoders.animatediff_tiny import settle_tiny_pipeline
 from storycli.weights.image_encoder import TINY_IMAGE_SIZE, build_tiny_image_encoder
 from storycli.weights.tiny import TINY_SEED
-from storycli.weights.tiny_flux import build_t5_tokenizer
+from storycli.weights.tiny_flux import build_t5_tokenizer, tiny_t5_config
 
 if TYPE_CHECKING:
     import diffusers
@@ -173,20 +173,7 @@ def _tiny_vae() -> diffusers.AutoencoderKLWan:
 def _tiny_text_encoder(tokenizer: transformers.T5TokenizerFast) -> transformers.UMT5EncoderModel:
     from transformers import UMT5Config, UMT5EncoderModel
 
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=_TEXT_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",  # as umt5-xxl
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return UMT5EncoderModel(config)
+    return UMT5EncoderModel(tiny_t5_config(tokenizer, _TEXT_DIM, UMT5Config))  # as umt5-xxl
 
 
 def _plain_clip_vision(tower: Any) -> transformers.CLIPVisionModel:
